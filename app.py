@@ -1,0 +1,581 @@
+"""The Service Gateway: a REST front to per-service RQ queues.
+
+Clients submit a document to a service and get a job uuid at once; ``worker.py``
+processes of that service run the job; clients poll the status route or get a
+callback. ``../shared/SPEC.md`` is the contract; the README is the manual.
+
+    waitress-serve --port=$PORT app:app     the gateway (REDIS_URL names Redis)
+    python app.py                           everything on one machine: embedded
+                                            in-memory Redis, one worker per service
+    python app.py token [--ttl SECONDS]     print a valid JWT
+
+The file reads top to bottom: settings, errors, auth, job states, submission,
+routes, main.
+"""
+
+import argparse
+import html
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuids
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
+
+import bottle
+import jwt
+import redis
+from bottle import HTTPError, request, response
+from rq import Queue, Retry
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from settings import SettingsError, gateway_redis, load_settings
+
+log = logging.getLogger('gateway')
+HERE = Path(__file__).parent
+
+
+# Settings ---------------------------------------------------------------------------------
+
+try:
+    settings = load_settings()
+except SettingsError as error:
+    sys.exit(f'settings error: {error}')
+
+# `python app.py` makes its own secret when it runs everything on an embedded Redis;
+# every other way of serving app:app must be given one.
+if __name__ != '__main__' and not settings.jwt_secret and not settings.auth_bypass:
+    sys.exit('settings error: GATEWAY_JWT_SECRET is not set (or set [security] bypass = true '
+             'on a closed development machine)')
+
+redis_db = gateway_redis(settings)
+queues = {name: Queue(service.queue, connection=redis_db) for name, service in settings.services.items()}
+bottle.BaseRequest.MEMFILE_MAX = settings.max_content_length  # bottle answers 413 past it
+
+
+def uuid_key(uuid):
+    """Redis key recording which service issued a uuid (outlives the job, for EXPIRED)."""
+    return f'gateway:uuid:{uuid}'
+
+
+# Errors -----------------------------------------------------------------------------------
+
+HTTP_STATUS = {101: 500, 200: 500, 202: 404, 203: 404, 204: 500, 205: 503, 206: 400, 207: 400,
+               208: 401, 209: 413, 210: 400}
+# Codes for the errors bottle raises itself (no route, wrong method, body parsing).
+CODE_OF_HTTP_STATUS = {400: 206, 404: 202, 405: 202, 413: 209}
+
+
+class GatewayError(HTTPError):
+    """An error answered to the client with its code of SPEC section 6."""
+
+    def __init__(self, code, message, **headers):
+        super().__init__(HTTP_STATUS[code], message, **headers)
+        self.code = code
+
+
+def render_error(error):
+    """Bottle's error handler: every error is the SPEC's document, never a stack trace."""
+    code = getattr(error, 'code', None) or CODE_OF_HTTP_STATUS.get(error.status_code, 101)
+    message = error.body if isinstance(error.body, str) and error.body else error.status_line
+    if error.status_code >= 500 and not isinstance(error, GatewayError):
+        message = 'unexpected error'  # bottle's own 500 carries the exception text
+    document = {'status': error.status_code, 'description': error.status_line.partition(' ')[2],
+                'vesta': {'code': code, 'message': message}}
+    kind = preferred_type('application/json', 'text/html', 'application/xml')
+    response.content_type = f'{kind}; charset=utf-8'
+    if kind == 'text/html':
+        return ERROR_PAGE.format(**{key: html.escape(str(value)) for key, value in
+                                    dict(document, code=code, message=message).items()})
+    return serialize(document, kind, 'error')
+
+
+ERROR_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{status} {description}</title></head>
+<body><h1>{status} {description}</h1><p>{message}</p><p>Error code {code}.</p></body></html>
+"""
+
+
+def translate_errors(route):
+    """Bottle plugin: Redis failures become 503/205 and anything unforeseen 500/101, logged here."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return route(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            log.warning('Redis unavailable: %s', error)
+            raise GatewayError(205, 'the queue backend (Redis) is unavailable, retry later') from None
+        except Exception:
+            log.exception('unexpected error on %s %s', request.method, request.path)
+            raise GatewayError(101, 'unexpected error') from None
+
+    return wrapper
+
+
+def preferred_type(*offered):
+    """The offered media type the client's Accept header ranks highest (ties: first offered)."""
+    ranges = []
+    for part in request.get_header('Accept', '').split(','):
+        media, *params = [item.strip() for item in part.split(';')]
+        quality = next((value for name, _, value in (p.partition('=') for p in params) if name == 'q'), '1')
+        try:
+            ranges.append((media.lower(), float(quality)))
+        except ValueError:
+            continue
+
+    def quality(kind):
+        matches = [(2 if media == kind else 1 if media == kind.split('/')[0] + '/*' else 0, q)
+                   for media, q in ranges if media in (kind, kind.split('/')[0] + '/*', '*/*')]
+        return max(matches)[1] if matches else 0
+
+    best = max(offered, key=lambda kind: (quality(kind), -offered.index(kind)))
+    return best if quality(best) > 0 else offered[0]
+
+
+def serialize(document, kind, root):
+    """The document as JSON or as XML (``<root>``, one element per key, ``<item>`` per list entry)."""
+    if kind != 'application/xml':
+        return json.dumps(document)
+    return ElementTree.tostring(_xml_element(root, document), encoding='unicode', xml_declaration=True)
+
+
+XML_NAME = re.compile(r'^(?!xml)[A-Za-z_][\w.-]*$', re.IGNORECASE)
+
+
+def _xml_element(name, value):
+    # Keys that are no XML names (an annotation's "@id") become <field name="@id">.
+    element = ElementTree.Element(name) if XML_NAME.match(name) else ElementTree.Element('field', name=name)
+    if isinstance(value, dict):
+        element.extend(_xml_element(str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        element.extend(_xml_element('item', item) for item in value)
+    elif isinstance(value, bool):
+        element.text = 'true' if value else 'false'
+    elif value is not None:
+        element.text = str(value)
+    return element
+
+
+# Auth -------------------------------------------------------------------------------------
+
+def require_token():
+    """Check the JWT of ``Authorization`` (bare or ``Bearer``): signature, algorithm, aud, exp."""
+    if settings.auth_bypass:
+        return
+    header = request.get_header('Authorization', '').strip()
+    token = header[7:].strip() if header[:7].lower() == 'bearer ' else header
+    challenge = {'WWW-Authenticate': 'Bearer'}
+    if not token:
+        raise GatewayError(208, 'missing Authorization header with a JWT', **challenge)
+    try:
+        jwt.decode(token, settings.jwt_secret, algorithms=[settings.jwt_algorithm], audience=settings.jwt_audience,
+                   leeway=10, options={'require': ['exp', 'aud']})
+    except jwt.InvalidTokenError as error:
+        raise GatewayError(208, f'invalid token: {error}', **challenge) from None
+
+
+def make_token(secret, ttl):
+    """A token this gateway accepts for ``ttl`` seconds."""
+    now = int(time.time())
+    claims = {'aud': settings.jwt_audience, 'iat': now, 'exp': now + ttl, 'sub': 'service-gateway client'}
+    return jwt.encode(claims, secret, algorithm=settings.jwt_algorithm)
+
+
+# Job states -------------------------------------------------------------------------------
+
+WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
+PHASES = {'started': 'STARTED', 'progress': 'PROGRESS', 'storing': 'STORING'}
+
+
+def service_named(name):
+    if name not in settings.services:
+        raise GatewayError(202, f'unknown service {name!r}')
+    return settings.services[name]
+
+
+def owned_job(service, uuid):
+    """The job of ``uuid`` if this service issued it, None if its record expired; else 404/203."""
+    try:
+        uuid = str(uuids.UUID(uuid))
+    except ValueError:
+        raise GatewayError(203, f'unknown uuid {uuid!r} for service {service.name!r}') from None
+    try:
+        job = Job.fetch(uuid, connection=redis_db)
+    except NoSuchJobError:
+        job = None
+    owner = job.meta.get('service') if job else (redis_db.get(uuid_key(uuid)) or b'').decode()
+    if owner != service.name:
+        raise GatewayError(203, f'unknown uuid {uuid!r} for service {service.name!r}')
+    return job
+
+
+def job_state(service, uuid, job):
+    """``{"uuid", "status", "result"}`` of SPEC section 5, read from RQ's status and the job's meta."""
+    if job is None:
+        return {'uuid': uuid, 'status': 'EXPIRED', 'result': None}
+    status, meta = job.get_status(refresh=False), job.meta
+    failure = meta.get('failure')
+    if status == JobStatus.FINISHED:
+        state, result = 'SUCCESS', job.return_value()
+    elif status == JobStatus.FAILED:
+        state, result = 'FAILURE', failure or unforeseen_failure(job)
+    elif status == JobStatus.CANCELED:
+        state, result = 'REVOKED', {'code': 109, 'message': 'revoked'}
+    elif status == JobStatus.STOPPED:
+        state, result = 'REVOKED', {'code': 109, 'message': 'terminated'}
+    elif status in WAITING:
+        state, result = ('RETRY', failure) if failure else ('PENDING', None)
+    else:  # started: a worker has it; its meta tells how far the service got
+        state = PHASES.get(meta.get('phase'), 'RECEIVED')
+        worker = meta.get('worker')
+        result = (dict(current=meta['progress'], total=100, **worker) if state == 'PROGRESS'
+                  else worker if state == 'STORING' else None)
+        if state == 'PROGRESS' and worker['worker_id_version'] != service.version:
+            raise GatewayError(204, f'worker version {worker["worker_id_version"]!r} does not match service '
+                                    f'version {service.version!r}')
+    return {'uuid': uuid, 'status': state, 'result': result}
+
+
+def unforeseen_failure(job):
+    """A failure the job could not record itself: its work horse died, or its worker did."""
+    latest = job.latest_result()
+    reason = (latest.exc_string or '').strip().splitlines()[-1:] if latest else []
+    return {'code': 306, 'message': f'the service process ended unexpectedly: {"".join(reason) or "unknown cause"}'}
+
+
+def revoke(service, job, wait=3.0):
+    """Cancel a job: take it off its queue if no worker has it yet (REVOKED/revoked), else
+    have its worker kill the work horse (REVOKED/terminated). Waits up to ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = job.get_status()
+        if status == JobStatus.STARTED:
+            try:
+                send_stop_job_command(redis_db, job.id)
+            except InvalidJobOperation:
+                pass  # it ended meanwhile
+            while job.get_status() == JobStatus.STARTED and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
+        if status not in WAITING or take_off_queue(service, job, status):
+            return
+        time.sleep(0.05)  # a worker popped it and is about to mark it started
+
+
+def take_off_queue(service, job, status):
+    """Cancel a waiting job atomically, unless a worker (or RQ's scheduler) takes it first."""
+    queue = queues[service.name]
+    holder = queue.scheduled_job_registry.key if status == JobStatus.SCHEDULED else queue.key
+    with redis_db.pipeline() as pipe:
+        try:
+            pipe.watch(holder)
+            waiting = (pipe.zscore(holder, job.id) if status == JobStatus.SCHEDULED
+                       else pipe.lpos(holder, job.id)) is not None
+            if not waiting:
+                return False
+            pipe.multi()
+            job.cancel(pipeline=pipe)
+            pipe.expire(job.key, settings.result_ttl)
+            callback_url = job.meta.get('callback_url')
+            if callback_url:  # the job never reaches a worker, so a worker is sent to tell the client
+                queue.enqueue('worker.send_callback', callback_url, job.id, 'REVOKED', at_front=True,
+                              result_ttl=0, pipeline=pipe)
+            pipe.execute()
+            return True
+        except redis.WatchError:
+            return False
+
+
+# Submission -------------------------------------------------------------------------------
+
+FIELDS = ('doc_url', 'ann_doc_id', 'callback_url', 'storage_doc_id')
+STORAGE_ID = re.compile(r'^storage_(\w+)_id$')
+
+
+def checked_body_size():
+    if request.content_length > settings.max_content_length:
+        raise GatewayError(209, f'request body larger than {settings.max_content_length} bytes')
+
+
+def form_fields():
+    """Query and form fields, decoded; a field given several times is a list."""
+    try:
+        pairs = list(request.query.decode().allitems()) + list(request.forms.decode().allitems())
+    except UnicodeError:
+        raise GatewayError(206, 'parameters must be UTF-8') from None
+    fields = {}
+    for key, value in pairs:
+        if key in fields:
+            previous = fields[key]
+            fields[key] = (previous if isinstance(previous, list) else [previous]) + [value]
+        else:
+            fields[key] = value
+    return fields
+
+
+def json_body():
+    """The request body parsed as a JSON object (an empty body is an empty object)."""
+    body = request.body.read(settings.max_content_length + 1)
+    if len(body) > settings.max_content_length:
+        raise GatewayError(209, f'request body larger than {settings.max_content_length} bytes')
+    try:
+        document = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeError) as error:
+        raise GatewayError(210, f'body is not valid JSON: {error}') from None
+    if not isinstance(document, dict):
+        raise GatewayError(210, 'body must be a JSON object')
+    return document
+
+
+def checked_url(name, value):
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if not parts or parts.scheme not in ('http', 'https') or not parts.hostname or re.search(r'\s', value):
+        raise GatewayError(207, f'{name} must be an http or https URL, not {value!r}')
+    return value
+
+
+def storage_url(setting, placeholder, value, name):
+    """The URL the ``[storage]`` template ``setting`` gives for the id ``value`` of field ``name``."""
+    template = getattr(settings, setting)
+    if not template:
+        raise GatewayError(200, f'{name} needs [storage] {setting} in the settings')
+    if not isinstance(value, str) or not value:
+        raise GatewayError(206, f'{name} must be a non-empty string')
+    return template.format(**{placeholder: quote(value, safe='')})
+
+
+def accept_job(service, doc_url, ann_doc_id, callback_url, misc):
+    """Check a submission, queue it and answer 202 with its uuid and status URL."""
+    if doc_url is None and not service.noparams:
+        raise GatewayError(206, 'missing parameter doc_url (or a storage document id)')
+    if doc_url is not None:
+        checked_url('doc_url', doc_url)
+    if callback_url is not None:
+        checked_url('callback_url', callback_url)
+    store_url = (storage_url('post_annotations_url', 'ann_doc_id', ann_doc_id, 'ann_doc_id')
+                 if ann_doc_id is not None else None)
+    uuid = str(uuids.uuid4())
+    message = {
+        'request_time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        'service': {'type': service.name, 'misc': misc, 'document': {'url': doc_url, 'credentials': None}},
+        'annotation_service': {'url': store_url, 'uuid': ann_doc_id, 'credentials': None},
+    }
+    with redis_db.pipeline() as pipe:  # the uuid record and the job are written together or not at all
+        pipe.multi()
+        pipe.set(uuid_key(uuid), service.name, ex=settings.uuid_ttl)
+        queues[service.name].enqueue(
+            'worker.perform_request', message, job_id=uuid, description=f'{service.name} {doc_url or ""}',
+            job_timeout=service.timeout, result_ttl=settings.result_ttl, failure_ttl=settings.result_ttl,
+            retry=Retry(max=service.retries, interval=service.retry_interval) if service.retries else None,
+            meta={'service': service.name, 'callback_url': callback_url}, pipeline=pipe)
+        pipe.execute()
+    response.status = 202
+    response.set_header('Location', status_url(service, uuid))
+    return {'uuid': uuid}
+
+
+def status_url(service, uuid):
+    # request.urlparts honours X-Forwarded-* only from a proxy waitress was told to trust.
+    path = f'{request.script_name}{service.name}/status'
+    return request.urlparts._replace(path=path, query=f'uuid={uuid}').geturl()
+
+
+# Routes -----------------------------------------------------------------------------------
+
+app = bottle.Bottle()
+app.install(translate_errors)
+app.default_error_handler = render_error
+
+
+def single(fields, name):
+    value = fields.pop(name, None)
+    return value[-1] if isinstance(value, list) else value
+
+
+@app.post('/<service_name>/annotate')
+@app.post('/<service_name>/annotate/<storage_doc_id>')
+def annotate(service_name, storage_doc_id=None):
+    """Submit a document by form or query fields; other fields reach the service as ``misc``."""
+    service = service_named(service_name)
+    require_token()
+    checked_body_size()
+    fields = form_fields()
+    doc_url, ann_doc_id, callback_url, storage_field = (single(fields, name) for name in FIELDS)
+    misc = {}
+    for name, value in fields.items():
+        match = STORAGE_ID.match(name)
+        if match:
+            name, value = f'{match[1]}_url', storage_url('get_storage_doc_url', 'storage_doc_id', value, name)
+        elif name.endswith('_url'):
+            checked_url(name, value)
+        misc[name] = value
+    return accept_job(service, document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url,
+                      misc)
+
+
+@app.post('/<service_name>/process')
+@app.post('/<service_name>/process/<storage_doc_id>')
+def process(service_name, storage_doc_id=None):
+    """Submit a JSON body, passed whole to the service as ``misc``."""
+    service = service_named(service_name)
+    require_token()
+    checked_body_size()
+    body = json_body()
+    query = form_fields()
+    doc_url, ann_doc_id, callback_url, storage_field = (
+        body.get(name) if body.get(name) is not None else single(query, name) for name in FIELDS)
+    return accept_job(service, document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url,
+                      body)
+
+
+def document_url(doc_url, storage_doc_id):
+    if storage_doc_id is None:
+        return doc_url
+    if doc_url is not None:
+        raise GatewayError(207, 'give doc_url or a storage document id, not both')
+    return storage_url('get_storage_doc_url', 'storage_doc_id', storage_doc_id, 'storage_doc_id')
+
+
+@app.get('/<service_name>/status')
+def status(service_name):
+    service = service_named(service_name)
+    uuid = required_uuid()
+    return answer(job_state(service, uuid, owned_job(service, uuid)))
+
+
+@app.route('/<service_name>/cancel', method=['GET', 'POST'])
+def cancel(service_name):
+    service = service_named(service_name)
+    require_token()
+    uuid = required_uuid()
+    job = owned_job(service, uuid)
+    if job is not None:
+        revoke(service, job)
+    return answer(job_state(service, uuid, job))
+
+
+def required_uuid():
+    uuid = request.query.get('uuid')
+    if not uuid:
+        raise GatewayError(206, 'missing parameter uuid')
+    return uuid
+
+
+def answer(document):
+    kind = preferred_type('application/json', 'application/xml')
+    response.content_type = f'{kind}; charset=utf-8'
+    return serialize(document, kind, 'job')
+
+
+# Main -------------------------------------------------------------------------------------
+
+def serve():
+    """Serve the gateway with waitress (``python app.py`` with a Redis URL)."""
+    import waitress
+
+    if not settings.jwt_secret and not settings.auth_bypass:
+        sys.exit('settings error: GATEWAY_JWT_SECRET is not set')
+    proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=(
+        'x-forwarded-for x-forwarded-host x-forwarded-proto x-forwarded-port')) if settings.trusted_proxy else {}
+    waitress.serve(app, host=os.environ.get('HOST', '127.0.0.1'), port=settings.port,
+                   url_prefix=settings.url_prefix, **proxy)
+
+
+def run_embedded():
+    """Run everything on this machine: an in-memory Redis (fakeredis), one worker per
+    service and the gateway, until Ctrl-C. The same processes as the Procfile's."""
+    from fakeredis import TcpFakeServer
+
+    redis_server = TcpFakeServer(('127.0.0.1', 0))
+    redis_server.daemon_threads = True  # a client blocked in BLPOP must not hold up Ctrl-C
+    threading.Thread(target=redis_server.serve_forever, daemon=True).start()
+    samples = ThreadingHTTPServer(('127.0.0.1', 0), partial(QuietFiles, directory=HERE / 'samples'))
+    threading.Thread(target=samples.serve_forever, daemon=True).start()
+    secret = settings.jwt_secret or secrets.token_urlsafe(48)
+    redis_url = 'redis://{}:{}/0'.format(*redis_server.server_address)
+    env = dict(os.environ, REDIS_URL=redis_url, GATEWAY_JWT_SECRET=secret, GATEWAY_EMBEDDED_REDIS='1')
+    children = [subprocess.Popen([sys.executable, str(HERE / 'app.py')], env=env)]
+    children += [subprocess.Popen([sys.executable, str(HERE / 'worker.py'), name], env=env)
+                 for name in settings.services]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        wait_for_port(settings.port, children[0])
+        base = f'http://127.0.0.1:{settings.port}'
+        sample = 'http://{}:{}/hello.wav'.format(*samples.server_address)
+        service = next(iter(settings.services))
+        print(f'Embedded mode: in-memory Redis (fakeredis) at {redis_url}, {len(settings.services)} worker(s) '
+              f'({", ".join(settings.services)}), gateway on {base}; Ctrl-C stops everything.\n'
+              f'Try it (the token is valid for {settings.jwt_ttl} s):\n\n'
+              f'  curl {base}/{service}/annotate --data-urlencode doc_url={sample} '
+              f'--header "Authorization: Bearer {make_token(secret, settings.jwt_ttl)}"\n'
+              f'  curl "{base}/{service}/status?uuid=<the uuid it answered>"\n', flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        sys.exit('a process of the embedded gateway stopped; see its messages above')
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        samples.shutdown()
+        redis_server.shutdown()
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    """Serves the sample documents without logging each request."""
+
+    def log_message(self, *args):
+        pass
+
+
+def wait_for_port(port, process, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f'the gateway did not start on port {port}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='app.py', description='The Service Gateway. Without REDIS_URL it runs '
+                                     'everything on an embedded in-memory Redis.')
+    commands = parser.add_subparsers(dest='command')
+    token = commands.add_parser('token', help='print a valid JWT (needs GATEWAY_JWT_SECRET)')
+    token.add_argument('--ttl', type=int, default=settings.jwt_ttl, help='lifetime in seconds')
+    args = parser.parse_args(argv)
+    if args.command == 'token':
+        if not settings.jwt_secret:
+            sys.exit('settings error: GATEWAY_JWT_SECRET is not set')
+        print(make_token(settings.jwt_secret, args.ttl))
+    elif settings.redis_url:
+        serve()
+    else:
+        run_embedded()
+
+
+if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
+    main()

@@ -1,0 +1,62 @@
+"""JWT on submit and cancel (SPEC section 4): anything but a valid token is 401, code 208."""
+
+import base64
+import json
+
+import jwt
+import pytest
+import requests
+
+from conftest import AUDIENCE, SECRET, token
+
+
+def unsigned_token():
+    """A token with ``alg: none``: a valid payload and no signature."""
+    def part(document):
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b'=').decode()
+    return f'{part({"alg": "none", "typ": "JWT"})}.{part({"aud": AUDIENCE, "exp": 2**40})}.'
+
+
+REFUSED = {
+    'no header': None,
+    'garbage': 'Bearer not.a.token',
+    'empty bearer': 'Bearer ',
+    'wrong signature': token(secret='another-secret-of-sixty-four-bytes-' + 'x' * 29),
+    'wrong audience': token(audience='someone-else'),
+    'expired': token(expires_in=-60),
+    'no expiry': jwt.encode({'aud': AUDIENCE}, SECRET, algorithm='HS256'),
+    'alg none': unsigned_token(),
+    'other HS algorithm': token(algorithm='HS512'),
+}
+
+
+@pytest.mark.parametrize('case', REFUSED)
+def test_submission_without_a_valid_token_is_refused_with_208(gateway, case):
+    headers = {'Authorization': REFUSED[case]} if REFUSED[case] is not None else {}
+    answer = requests.post(f'{gateway.url}/echo/annotate', data={'doc_url': 'http://127.0.0.1:9/a.wav'},
+                           headers=headers, timeout=10)
+    assert answer.status_code == 401
+    assert answer.json()['vesta']['code'] == 208
+    assert answer.headers['WWW-Authenticate'] == 'Bearer'
+
+
+def test_bare_token_without_bearer_is_accepted(gateway):
+    answer = requests.post(f'{gateway.url}/echo/annotate', data={'doc_url': 'http://127.0.0.1:9/a.wav'},
+                           headers={'Authorization': token()}, timeout=10)
+    assert answer.status_code == 202
+
+
+def test_token_expired_within_the_leeway_is_accepted(gateway):
+    answer = gateway.submit('echo', data={'doc_url': 'http://127.0.0.1:9/a.wav'},
+                            headers={'Authorization': token(expires_in=-5)})
+    assert answer.status_code == 202
+
+
+def test_status_needs_no_token(gateway):
+    uuid = gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav')
+    assert requests.get(f'{gateway.url}/echo/status', params={'uuid': uuid}, timeout=10).status_code == 200
+
+
+def test_refused_submission_queues_nothing(gateway, redis_db):
+    requests.post(f'{gateway.url}/echo/annotate', data={'doc_url': 'http://127.0.0.1:9/a.wav'}, timeout=10)
+    assert redis_db.llen('rq:queue:echo') == 0

@@ -1,0 +1,106 @@
+"""Settings: a missing or malformed key stops start-up with one line naming section and key."""
+
+import os
+import subprocess
+import sys
+
+import jwt
+import pytest
+
+from conftest import ROOT
+from settings import SettingsError, load_settings
+
+MINIMAL = """
+[service:annotator]
+function = services.annotator.annotate
+version = 1.0.0
+"""
+
+
+def settings_from(tmp_path, text, **environ):
+    path = tmp_path / 'settings.ini'
+    path.write_text(text)
+    return load_settings(path, environ)
+
+
+def test_shipped_settings_load():
+    settings = load_settings(ROOT / 'settings.ini', {})
+    assert list(settings.services) == ['annotator'] and settings.redis_url is None
+
+
+def test_minimal_settings_take_the_defaults(tmp_path):
+    settings = settings_from(tmp_path, MINIMAL)
+    service = settings.services['annotator']
+    assert (service.queue, service.timeout, service.retries, settings.jwt_algorithm) == ('annotator', 3600, 0, 'HS256')
+
+
+def test_environment_overrides_redis_url_and_port(tmp_path):
+    settings = settings_from(tmp_path, '[gateway]\nredis_url = redis://a:1\nport = 1\n' + MINIMAL,
+                             REDIS_URL='redis://b:2', PORT='8080')
+    assert (settings.redis_url, settings.port) == ('redis://b:2', 8080)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('[service:annotator]\nversion = 1\n', r'\[service:annotator\] function: is required'),
+    (MINIMAL + 'timeout = soon\n', r"\[service:annotator\] timeout: 'soon' is not an integer"),
+    (MINIMAL + 'noparams = perhaps\n', r"\[service:annotator\] noparams: 'perhaps' is not a boolean"),
+    (MINIMAL + 'tiemout = 3\n', r'\[service:annotator\] tiemout: unknown key'),
+    ('[security]\njwt_algorithm = none\n' + MINIMAL, r"\[security\] jwt_algorithm: 'NONE' is not one of"),
+    ('[storage]\npost_annotations_url = http://x/\n' + MINIMAL,
+     r'\[storage\] post_annotations_url: must contain \{ann_doc_id\}'),
+    ('[gateway]\nresult_ttl = 100\nuuid_ttl = 50\n' + MINIMAL, r'\[gateway\] uuid_ttl: must be longer'),
+    ('[services:x]\n', r'\[services:x\]: unknown section'),
+    ('[gateway]\n', r'no \[service:NAME\] section'),
+    ('[gateway\n', r'settings.ini: '),
+])
+def test_malformed_setting_is_named(tmp_path, text, message):
+    with pytest.raises(SettingsError, match=message):
+        settings_from(tmp_path, text)
+
+
+def test_short_jwt_secret_is_refused(tmp_path):
+    with pytest.raises(SettingsError, match='GATEWAY_JWT_SECRET: HS256 needs a secret of at least 32 bytes'):
+        settings_from(tmp_path, MINIMAL, GATEWAY_JWT_SECRET='short')
+
+
+def run(tmp_path, command, text=MINIMAL, **environ):
+    (tmp_path / 'settings.ini').write_text(text)
+    env = {key: value for key, value in os.environ.items() if key not in ('GATEWAY_JWT_SECRET', 'REDIS_URL')}
+    env.update(GATEWAY_SETTINGS=str(tmp_path / 'settings.ini'), PYTHONPATH=str(ROOT), **environ)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_gateway_with_a_bad_setting_stops_with_one_line(tmp_path):
+    done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'], MINIMAL + 'retries = -1\n',
+               GATEWAY_JWT_SECRET='s' * 32)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == 'settings error: [service:annotator] retries: must be at least 0'
+
+
+def test_gateway_without_a_jwt_secret_does_not_start(tmp_path):
+    done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'])
+    assert done.returncode != 0 and 'GATEWAY_JWT_SECRET is not set' in done.stderr.strip().splitlines()[-1]
+
+
+def test_worker_for_an_unknown_service_stops_with_one_line(tmp_path):
+    done = run(tmp_path, [sys.executable, 'worker.py', 'nosuch'])
+    assert done.returncode != 0
+    assert done.stderr.strip() == "settings error: unknown service 'nosuch' (configured: annotator)"
+
+
+def test_worker_whose_function_cannot_be_imported_stops_with_one_line(tmp_path):
+    done = run(tmp_path, [sys.executable, 'worker.py', 'annotator'], MINIMAL.replace('annotator.annotate', 'nope.f'))
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith("settings error: [service:annotator] function: cannot import 'services.nope.f'")
+
+
+def test_token_command_prints_a_token_the_gateway_accepts(tmp_path):
+    secret = 'k' * 32
+    done = run(tmp_path, [sys.executable, 'app.py', 'token', '--ttl', '120'], GATEWAY_JWT_SECRET=secret)
+    claims = jwt.decode(done.stdout.strip(), secret, algorithms=['HS256'], audience='service-gateway')
+    assert claims['exp'] - claims['iat'] == 120
+
+
+def test_token_command_without_a_secret_says_so(tmp_path):
+    done = run(tmp_path, [sys.executable, 'app.py', 'token'])
+    assert done.returncode != 0 and done.stderr.strip() == 'settings error: GATEWAY_JWT_SECRET is not set'

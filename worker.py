@@ -1,0 +1,333 @@
+"""Workers of the Service Gateway, and everything a service author touches.
+
+``python worker.py SERVICE [SERVICE...]`` runs one RQ worker on those services'
+queues. Start as many as the load needs, on as many machines as you like: they
+only need the same ``settings.ini`` and ``REDIS_URL`` as the gateway.
+
+A service is a function named by its ``function`` setting. It receives a
+``Request`` and returns its annotations, a JSON list::
+
+    def annotate(request):
+        with open(request.document, 'rb') as document:   # downloaded on first use
+            ...
+            request.set_progress(50)
+        return [{'@id': ..., '@version': request.version, ...}]
+
+To fail with a code of its own (from 600 up), a service raises
+``ServiceError(message, code=6xx)``; any other exception becomes the code of
+its kind (SPEC section 6). The worker then posts the annotations to the
+annotation store, if the client named a document there, and tells the
+client's ``callback_url`` how the job ended.
+"""
+
+import argparse
+import functools
+import importlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from rq import Worker, get_current_job
+from rq.job import JobStatus
+from rq.timeouts import JobTimeoutException
+from urllib3.util.retry import Retry as HTTPRetry
+
+from settings import SettingsError, load_settings, worker_redis
+
+log = logging.getLogger('worker')
+
+
+# Errors ------------------------------------------------------------------------------------
+
+class ServiceError(Exception):
+    """A job failure with its code (SPEC section 6), shown in the FAILURE result.
+
+    Raise it from a service with ``code=600`` or above for errors of the service's own.
+    """
+
+    code = 306
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class AnnotationFormatError(ServiceError):
+    """The service returned something that is not a JSON list."""
+
+    code = 300
+
+
+class DownloadError(ServiceError):
+    """The document could not be downloaded within the service's limits."""
+
+    code = 301
+
+
+class StorageError(ServiceError):
+    """The annotation store did not accept the annotations."""
+
+    code = 302
+
+
+class UnsupportedDocument(ServiceError):
+    """The document is not of a type the service can read."""
+
+    code = 305
+
+
+# The seed's codes for the Python errors a service most often lets escape.
+EXCEPTION_CODES = ((KeyError, 108), (TypeError, 104), (ValueError, 105), (OSError, 107))
+
+
+def failure_of(error, service):
+    """The ``{"code", "message"}`` a client sees for an exception raised by a job."""
+    if isinstance(error, ServiceError):
+        return {'code': error.code, 'message': str(error)}
+    if isinstance(error, JobTimeoutException):
+        return {'code': 306, 'message': f'the service did not finish within its timeout of {service.timeout} s'}
+    code = next((code for kind, code in EXCEPTION_CODES if isinstance(error, kind)), 306)
+    return {'code': code, 'message': f'{type(error).__name__}: {error}'}
+
+
+# The request a service receives ------------------------------------------------------------
+
+class Request:
+    """What a service function receives: the client's document and parameters, and a
+    way to report progress. The document is downloaded on first use of ``document``
+    and removed when the job ends, whatever happens."""
+
+    def __init__(self, job, message, service):
+        self.uuid = job.id
+        self.service = service.name
+        self.version = service.version
+        self.url = message['service']['document']['url']
+        self.misc = message['service']['misc']
+        self.logger = logging.LoggerAdapter(log.getChild(service.name), {'uuid': job.id})
+        self._job = job
+        self._service = service
+        self._workdir = None
+        self._document = None
+
+    @property
+    def document(self):
+        """Local path of the downloaded document (downloaded on first use)."""
+        if self._document is None:
+            if not self.url:
+                raise DownloadError('this request has no document URL')
+            self._workdir = tempfile.mkdtemp(prefix=f'gateway-{self.uuid}-')
+            self._document = download(self.url, self._workdir, self._service.max_document_size,
+                                      self._service.download_timeout)
+        return self._document
+
+    def set_progress(self, current):
+        """Report progress, an int from 0 to 100; the status route then answers PROGRESS."""
+        if not isinstance(current, int) or isinstance(current, bool):
+            raise TypeError(f'progress must be an int, not {type(current).__name__}')
+        if not 0 <= current <= 100:
+            raise ValueError(f'progress must be between 0 and 100, not {current}')
+        save_meta(self._job, phase='progress', progress=current)
+
+    def cleanup(self):
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def save_meta(job, **values):
+    """Record the job's phase and figures in its RQ meta, where the gateway reads them."""
+    job.meta.update(values)
+    job.save_meta()
+
+
+def utc_now():
+    return datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+# HTTP: documents, annotation store, callbacks ----------------------------------------------
+
+def http_session(retries):
+    """A requests session that retries connection failures, timeouts and 502/503/504
+    (urllib3's Retry, with 0.5 s, 1 s, 2 s ... between attempts)."""
+    session = requests.Session()
+    retry = HTTPRetry(total=retries, backoff_factor=0.5, allowed_methods=None,
+                      status_forcelist=(502, 503, 504), raise_on_status=False)
+    session.mount('http://', HTTPAdapter(max_retries=retry))
+    session.mount('https://', HTTPAdapter(max_retries=retry))
+    return session
+
+
+def download(url, directory, max_size, timeout):
+    """Download ``url`` into ``directory`` within ``max_size`` bytes and ``timeout`` seconds."""
+    if urlsplit(url).scheme not in ('http', 'https'):
+        raise DownloadError(f'only http and https documents can be downloaded, not {url}')
+    name = Path(unquote(urlsplit(url).path)).name or 'document'
+    path = Path(directory, name)
+    deadline = time.monotonic() + timeout
+    try:
+        with http_session(retries=2).get(url, stream=True, timeout=min(timeout, 30)) as response:
+            if response.status_code >= 400:
+                raise DownloadError(f'document download failed: HTTP {response.status_code} from {url}')
+            if int(response.headers.get('Content-Length') or 0) > max_size:
+                raise DownloadError(f'document larger than the service accepts ({max_size} bytes)')
+            with open(path, 'wb') as file:
+                size = 0
+                for chunk in response.iter_content(64 * 1024):
+                    size += len(chunk)
+                    if size > max_size:
+                        raise DownloadError(f'document larger than the service accepts ({max_size} bytes)')
+                    if time.monotonic() > deadline:
+                        raise DownloadError(f'document download took longer than {timeout} s')
+                    file.write(chunk)
+    except requests.RequestException as error:
+        raise DownloadError(f'document download failed: {error}') from None
+    return str(path)
+
+
+def store_annotations(url, annotations, timeout, retries):
+    """POST the annotations to the annotation store, retrying timeouts and refusals."""
+    try:
+        response = http_session(retries).post(url, json={'common': {}, 'data': annotations}, timeout=timeout)
+    except requests.RequestException as error:
+        raise StorageError(f'annotation upload failed: {error}') from None
+    if not response.ok:
+        raise StorageError(f'annotation upload failed: HTTP {response.status_code} from {url}')
+
+
+def send_callback(url, uuid, status):
+    """POST ``{"uuid", "status"}`` to a client's callback URL; a failure is logged, never raised."""
+    settings = current_settings()
+    try:
+        http_session(settings.callback_retries).post(
+            url, json={'uuid': uuid, 'status': status}, timeout=settings.storage_timeout).raise_for_status()
+    except requests.RequestException as error:
+        log.warning('callback for job %s to %s failed: %s', uuid, url, error)
+
+
+# The job ----------------------------------------------------------------------------------
+
+@functools.cache
+def current_settings():
+    return load_settings()
+
+
+@functools.cache
+def service_function(dotted_path):
+    module, _, name = dotted_path.rpartition('.')
+    return getattr(importlib.import_module(module), name)
+
+
+def perform_request(message):
+    """The RQ job of every submission: run the service, then store its annotations.
+
+    Phases are recorded in the job's meta so that the gateway can tell STARTED,
+    PROGRESS and STORING apart; a failure is recorded with its code before RQ
+    marks the job failed (or schedules its retry).
+    """
+    job = get_current_job()
+    service = current_settings().services[message['service']['type']]
+    request = Request(job, message, service)
+    try:
+        save_meta(job, phase='started', progress=None, failure=None, worker={
+            'worker_id_version': service.version, 'start_time': utc_now(),
+            'host': socket.gethostname(), 'type': service.name})
+        annotations = service_function(service.function)(request)
+        try:
+            json.dumps(annotations)
+        except (TypeError, ValueError) as error:
+            raise AnnotationFormatError(f'annotations are not JSON: {error}') from None
+        if not isinstance(annotations, list):
+            raise AnnotationFormatError(f'annotations must be a list, not {type(annotations).__name__}')
+        store_url = message['annotation_service']['url']
+        if store_url:
+            save_meta(job, phase='storing')
+            settings = current_settings()
+            store_annotations(store_url, annotations, settings.storage_timeout, settings.storage_retries)
+        return annotations
+    except Exception as error:
+        save_meta(job, phase='failed', failure=failure_of(error, service))
+        raise
+    finally:
+        request.cleanup()
+
+
+# The worker -------------------------------------------------------------------------------
+
+class GatewayWorker(Worker):
+    """An RQ worker that tells a job's ``callback_url`` how the job ended.
+
+    RQ's job callbacks run before the job's end is saved, so a client polling
+    on a callback could still read STARTED; these hooks post once it is saved.
+    """
+
+    def handle_job_success(self, job, queue, started_job_registry, execution):
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        self.notify(job, 'SUCCESS')
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string='', execution=None):
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        ended = {JobStatus.FAILED: 'FAILURE', JobStatus.STOPPED: 'REVOKED'}
+        status = ended.get(job.get_status(refresh=True))
+        if status:  # otherwise RQ has scheduled a retry
+            self.notify(job, status)
+
+    @staticmethod
+    def notify(job, status):
+        callback_url = job.meta.get('callback_url')
+        if callback_url:
+            send_callback(callback_url, job.id, status)
+
+
+class EmbeddedRedisWorker(GatewayWorker):
+    """GatewayWorker for the embedded in-memory Redis (fakeredis's TCP server).
+
+    fakeredis 2.41 answers CLIENT INFO with an address redis-py cannot parse, and
+    RQ's worker dies reading it at start-up; here the address is simply unknown.
+    tests/test_embedded.py says when fakeredis no longer needs this.
+    """
+
+    def _set_ip_address(self, connection):
+        self.ip_address = 'unknown'
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Run an RQ worker for the given services.')
+    parser.add_argument('services', nargs='+', metavar='SERVICE', help='a [service:NAME] of settings.ini')
+    args = parser.parse_args(argv)
+    try:
+        settings = current_settings()
+        unknown = [name for name in args.services if name not in settings.services]
+        if unknown:
+            raise SettingsError(f'unknown service {unknown[0]!r} (configured: {", ".join(settings.services)})')
+        services = [settings.services[name] for name in args.services]
+        for service in services:
+            try:
+                service_function(service.function)
+            except (ImportError, AttributeError, ValueError) as error:
+                raise SettingsError(f'[service:{service.name}] function: cannot import '
+                                    f'{service.function!r}: {error}') from None
+    except SettingsError as error:
+        sys.exit(f'settings error: {error}')
+
+    worker_class = EmbeddedRedisWorker if os.environ.get('GATEWAY_EMBEDDED_REDIS') else GatewayWorker
+    connection = worker_redis(settings)
+    queues = list(dict.fromkeys(service.queue for service in services))  # in the order given
+    worker = worker_class(queues, connection=connection)
+    worker.work(with_scheduler=True, logging_level=os.environ.get('LOG_LEVEL', 'INFO'))
+
+
+if __name__ == '__main__':
+    # Run as the module `worker`, the name RQ resolves 'worker.perform_request' with,
+    # so that the job and the worker share one copy of this module.
+    import worker
+    worker.main()
