@@ -9,28 +9,31 @@ callback. ``../shared/SPEC.md`` is the contract; the README is the manual.
                                             in-memory Redis, one worker per service
     python app.py token [--ttl SECONDS]     print a valid JWT
 
-The file reads top to bottom: settings, errors, auth, job states, submission,
+The file reads top to bottom: settings, errors, auth, job states, submissions,
 routes, main.
 """
 
 import argparse
+import configparser
 import html
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import uuid as uuids
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
+from uuid import UUID, uuid4
 from xml.etree import ElementTree
 
 import bottle
@@ -42,7 +45,7 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from settings import SettingsError, gateway_redis, load_settings
+from settings import SettingsError, gateway_redis, load_settings, uuid_key
 
 log = logging.getLogger('gateway')
 HERE = Path(__file__).parent
@@ -50,32 +53,47 @@ HERE = Path(__file__).parent
 
 # Settings ---------------------------------------------------------------------------------
 
+def require(condition, problem):
+    """Stop start-up with one line when a setting is missing or malformed."""
+    if not condition:
+        sys.exit(f'settings error: {problem}')
+
+
 try:
     settings = load_settings()
 except SettingsError as error:
     sys.exit(f'settings error: {error}')
 
-# `python app.py` makes its own secret when it runs everything on an embedded Redis;
-# every other way of serving app:app must be given one.
-if __name__ != '__main__' and not settings.jwt_secret and not settings.auth_bypass:
-    sys.exit('settings error: GATEWAY_JWT_SECRET is not set (or set [security] bypass = true '
-             'on a closed development machine)')
 
-redis_db = gateway_redis(settings)
-queues = {name: Queue(service.queue, connection=redis_db) for name, service in settings.services.items()}
-bottle.BaseRequest.MEMFILE_MAX = settings.max_content_length  # bottle answers 413 past it
+def require_secret():
+    require(settings.jwt_secret or settings.auth_bypass,
+            'GATEWAY_JWT_SECRET is not set (or set [security] bypass = true on a closed development machine)')
 
 
-def uuid_key(uuid):
-    """Redis key recording which service issued a uuid (outlives the job, for EXPIRED)."""
-    return f'gateway:uuid:{uuid}'
+def require_redis_url():
+    require(settings.redis_url, 'REDIS_URL is not set (only `python app.py` runs an embedded Redis without it)')
+
+
+# `python app.py` runs everything itself (embedded Redis, its own secret) or checks these
+# in main(); every other way of serving app:app must be given both.
+if __name__ != '__main__':
+    require_secret()
+    require_redis_url()
+
+# No Redis, and so no queues, only for `python app.py` without REDIS_URL, which serves
+# nothing itself: it starts the processes that do (see main).
+redis_db = gateway_redis(settings) if settings.redis_url else None
+queues = {name: Queue(service.queue, connection=redis_db)
+          for name, service in settings.services.items()} if redis_db else {}
+# Bottle parses form bodies up to this size; request_body() refuses larger ones first.
+bottle.BaseRequest.MEMFILE_MAX = settings.max_content_length
 
 
 # Errors -----------------------------------------------------------------------------------
 
 HTTP_STATUS = {101: 500, 200: 500, 202: 404, 203: 404, 204: 500, 205: 503, 206: 400, 207: 400,
                208: 401, 209: 413, 210: 400}
-# Codes for the errors bottle raises itself (no route, wrong method, body parsing).
+# Codes of the errors bottle raises itself (no route, wrong method, unparsable form body).
 CODE_OF_HTTP_STATUS = {400: 206, 404: 202, 405: 202, 413: 209}
 
 
@@ -109,15 +127,24 @@ ERROR_PAGE = """<!DOCTYPE html>
 """
 
 
+def redis_unavailable(error):
+    """Redis errors that mean "not now" to a client: down, hung, out of memory, read-only, unable to save."""
+    return (isinstance(error, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError,
+                               redis.exceptions.ReadOnlyError))
+            or isinstance(error, redis.ResponseError) and str(error).startswith('MISCONF'))
+
+
 def translate_errors(route):
-    """Bottle plugin: Redis failures become 503/205 and anything unforeseen 500/101, logged here."""
+    """Bottle plugin: Redis unavailable becomes 503/205, anything unforeseen 500/101 (logged here)."""
 
     def wrapper(*args, **kwargs):
         try:
             return route(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.RedisError as error:
+            if not redis_unavailable(error):
+                raise
             log.warning('Redis unavailable: %s', error)
             raise GatewayError(205, 'the queue backend (Redis) is unavailable, retry later') from None
         except Exception:
@@ -178,7 +205,8 @@ def require_token():
     if settings.auth_bypass:
         return
     header = request.get_header('Authorization', '').strip()
-    token = header[7:].strip() if header[:7].lower() == 'bearer ' else header
+    scheme, _, rest = header.partition(' ')
+    token = rest.strip() if scheme.lower() == 'bearer' else header
     challenge = {'WWW-Authenticate': 'Bearer'}
     if not token:
         raise GatewayError(208, 'missing Authorization header with a JWT', **challenge)
@@ -198,8 +226,7 @@ def make_token(secret, ttl):
 
 # Job states -------------------------------------------------------------------------------
 
-WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED)
-PHASES = {'started': 'STARTED', 'progress': 'PROGRESS', 'storing': 'STORING'}
+PHASES = {'received': 'RECEIVED', 'started': 'STARTED', 'progress': 'PROGRESS', 'storing': 'STORING'}
 
 
 def service_named(name):
@@ -208,12 +235,19 @@ def service_named(name):
     return settings.services[name]
 
 
+def requested_uuid(service):
+    """The ``uuid`` query parameter, normalised; 400/206 when missing, 404/203 when no uuid at all."""
+    value = request.query.get('uuid')
+    if not value:
+        raise GatewayError(206, 'missing parameter uuid')
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise GatewayError(203, f'unknown uuid {value!r} for service {service.name!r}') from None
+
+
 def owned_job(service, uuid):
     """The job of ``uuid`` if this service issued it, None if its record expired; else 404/203."""
-    try:
-        uuid = str(uuids.UUID(uuid))
-    except ValueError:
-        raise GatewayError(203, f'unknown uuid {uuid!r} for service {service.name!r}') from None
     try:
         job = Job.fetch(uuid, connection=redis_db)
     except NoSuchJobError:
@@ -233,14 +267,12 @@ def job_state(service, uuid, job):
     if status == JobStatus.FINISHED:
         state, result = 'SUCCESS', job.return_value()
     elif status == JobStatus.FAILED:
-        state, result = 'FAILURE', failure or unforeseen_failure(job)
+        state, result = 'FAILURE', failure or abandoned_failure(job)
     elif status == JobStatus.CANCELED:
         state, result = 'REVOKED', {'code': 109, 'message': 'revoked'}
     elif status == JobStatus.STOPPED:
         state, result = 'REVOKED', {'code': 109, 'message': 'terminated'}
-    elif status in WAITING:
-        state, result = ('RETRY', failure) if failure else ('PENDING', None)
-    else:  # started: a worker has it; its meta tells how far the service got
+    elif status == JobStatus.STARTED:  # its meta tells how far the worker got
         state = PHASES.get(meta.get('phase'), 'RECEIVED')
         worker = meta.get('worker')
         result = (dict(current=meta['progress'], total=100, **worker) if state == 'PROGRESS'
@@ -248,14 +280,16 @@ def job_state(service, uuid, job):
         if state == 'PROGRESS' and worker['worker_id_version'] != service.version:
             raise GatewayError(204, f'worker version {worker["worker_id_version"]!r} does not match service '
                                     f'version {service.version!r}')
+    else:  # queued, or scheduled for a retry
+        state, result = ('RETRY', failure) if failure else ('PENDING', None)
     return {'uuid': uuid, 'status': state, 'result': result}
 
 
-def unforeseen_failure(job):
-    """A failure the job could not record itself: its work horse died, or its worker did."""
+def abandoned_failure(job):
+    """The failure of a job whose worker died with it, as RQ recorded it."""
     latest = job.latest_result()
     reason = (latest.exc_string or '').strip().splitlines()[-1:] if latest else []
-    return {'code': 306, 'message': f'the service process ended unexpectedly: {"".join(reason) or "unknown cause"}'}
+    return {'code': 306, 'message': f'the worker running the service stopped: {"".join(reason) or "unknown cause"}'}
 
 
 def revoke(service, job, wait=3.0):
@@ -272,7 +306,7 @@ def revoke(service, job, wait=3.0):
             while job.get_status() == JobStatus.STARTED and time.monotonic() < deadline:
                 time.sleep(0.05)
             return
-        if status not in WAITING or take_off_queue(service, job, status):
+        if status not in (JobStatus.QUEUED, JobStatus.SCHEDULED) or take_off_queue(service, job, status):
             return
         time.sleep(0.05)  # a worker popped it and is about to mark it started
 
@@ -290,49 +324,55 @@ def take_off_queue(service, job, status):
                 return False
             pipe.multi()
             job.cancel(pipeline=pipe)
-            pipe.expire(job.key, settings.result_ttl)
+            pipe.expire(job.key, settings.result_ttl)  # RQ gives a cancelled job no expiry
+            pipe.expire(uuid_key(job.id), settings.uuid_ttl)
             callback_url = job.meta.get('callback_url')
             if callback_url:  # the job never reaches a worker, so a worker is sent to tell the client
                 queue.enqueue('worker.send_callback', callback_url, job.id, 'REVOKED', at_front=True,
                               result_ttl=0, pipeline=pipe)
             pipe.execute()
             return True
-        except redis.WatchError:
+        except (redis.WatchError, InvalidJobOperation):  # taken, or cancelled by a concurrent request
             return False
 
 
-# Submission -------------------------------------------------------------------------------
+# Submissions ------------------------------------------------------------------------------
 
-FIELDS = ('doc_url', 'ann_doc_id', 'callback_url', 'storage_doc_id')
+RESERVED_FIELDS = ('doc_url', 'ann_doc_id', 'callback_url', 'storage_doc_id')
 STORAGE_ID = re.compile(r'^storage_(\w+)_id$')
 
 
-def checked_body_size():
-    if request.content_length > settings.max_content_length:
-        raise GatewayError(209, f'request body larger than {settings.max_content_length} bytes')
+def request_body():
+    """The request body, refused with 413/209 past ``max_content_length``."""
+    limit = settings.max_content_length
+    if request.content_length > limit or len(body := request.body.read(limit + 1)) > limit:
+        raise GatewayError(209, f'request body larger than {limit} bytes')
+    return body
 
 
-def form_fields():
-    """Query and form fields, decoded; a field given several times is a list."""
+def fields_of(*forms):
+    """The fields of bottle FormsDicts, decoded; a field given several times is a list."""
+    fields = {}
     try:
-        pairs = list(request.query.decode().allitems()) + list(request.forms.decode().allitems())
+        for key, value in (pair for form in forms for pair in form.decode().allitems()):
+            if key in fields:
+                previous = fields[key]
+                fields[key] = (previous if isinstance(previous, list) else [previous]) + [value]
+            else:
+                fields[key] = value
     except UnicodeError:
         raise GatewayError(206, 'parameters must be UTF-8') from None
-    fields = {}
-    for key, value in pairs:
-        if key in fields:
-            previous = fields[key]
-            fields[key] = (previous if isinstance(previous, list) else [previous]) + [value]
-        else:
-            fields[key] = value
     return fields
+
+
+def last_value(fields, name):
+    value = fields.pop(name, None)
+    return value[-1] if isinstance(value, list) else value
 
 
 def json_body():
     """The request body parsed as a JSON object (an empty body is an empty object)."""
-    body = request.body.read(settings.max_content_length + 1)
-    if len(body) > settings.max_content_length:
-        raise GatewayError(209, f'request body larger than {settings.max_content_length} bytes')
+    body = request_body()
     try:
         document = json.loads(body) if body.strip() else {}
     except (ValueError, UnicodeError) as error:
@@ -342,21 +382,59 @@ def json_body():
     return document
 
 
-def checked_url(name, value):
-    parts = urlsplit(value) if isinstance(value, str) else None
+def check_url(name, value):
+    """Refuse what a worker could not fetch: anything but an http(s) URL with a valid host and port."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number in 0-65535
+        parts.hostname.encode('idna')  # raises UnicodeError for an empty or overlong label
+    except (ValueError, AttributeError, TypeError):
+        parts = None
     if not parts or parts.scheme not in ('http', 'https') or not parts.hostname or re.search(r'\s', value):
         raise GatewayError(207, f'{name} must be an http or https URL, not {value!r}')
-    return value
 
 
-def storage_url(setting, placeholder, value, name):
+def storage_url(setting, value, name):
     """The URL the ``[storage]`` template ``setting`` gives for the id ``value`` of field ``name``."""
     template = getattr(settings, setting)
     if not template:
         raise GatewayError(200, f'{name} needs [storage] {setting} in the settings')
     if not isinstance(value, str) or not value:
         raise GatewayError(206, f'{name} must be a non-empty string')
+    placeholder = 'storage_doc_id' if setting == 'get_storage_doc_url' else 'ann_doc_id'
     return template.format(**{placeholder: quote(value, safe='')})
+
+
+def document_url(doc_url, storage_doc_id):
+    if storage_doc_id is None:
+        return doc_url
+    if doc_url is not None:
+        raise GatewayError(207, 'give doc_url or a storage document id, not both')
+    return storage_url('get_storage_doc_url', storage_doc_id, 'storage_doc_id')
+
+
+def annotate_request(storage_doc_id):
+    """The reserved fields and the service's ``misc`` of an ``annotate`` form (and query)."""
+    request_body()
+    fields = fields_of(request.query, request.forms)
+    doc_url, ann_doc_id, callback_url, storage_field = (last_value(fields, name) for name in RESERVED_FIELDS)
+    misc = {}
+    for name, value in fields.items():
+        if match := STORAGE_ID.match(name):
+            name, value = f'{match[1]}_url', storage_url('get_storage_doc_url', value, name)
+        elif name.endswith('_url'):
+            check_url(name, value)
+        misc[name] = value
+    return document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url, misc
+
+
+def process_request(storage_doc_id):
+    """The reserved fields of a ``process`` JSON body (or query), and the body itself as ``misc``."""
+    body = json_body()
+    query = fields_of(request.query)
+    doc_url, ann_doc_id, callback_url, storage_field = (
+        body.get(name) if body.get(name) is not None else last_value(query, name) for name in RESERVED_FIELDS)
+    return document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url, body
 
 
 def accept_job(service, doc_url, ann_doc_id, callback_url, misc):
@@ -364,12 +442,11 @@ def accept_job(service, doc_url, ann_doc_id, callback_url, misc):
     if doc_url is None and not service.noparams:
         raise GatewayError(206, 'missing parameter doc_url (or a storage document id)')
     if doc_url is not None:
-        checked_url('doc_url', doc_url)
+        check_url('doc_url', doc_url)
     if callback_url is not None:
-        checked_url('callback_url', callback_url)
-    store_url = (storage_url('post_annotations_url', 'ann_doc_id', ann_doc_id, 'ann_doc_id')
-                 if ann_doc_id is not None else None)
-    uuid = str(uuids.uuid4())
+        check_url('callback_url', callback_url)
+    store_url = storage_url('post_annotations_url', ann_doc_id, 'ann_doc_id') if ann_doc_id is not None else None
+    uuid = str(uuid4())
     message = {
         'request_time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
         'service': {'type': service.name, 'misc': misc, 'document': {'url': doc_url, 'credentials': None}},
@@ -395,16 +472,17 @@ def status_url(service, uuid):
     return request.urlparts._replace(path=path, query=f'uuid={uuid}').geturl()
 
 
+def job_response(document):
+    kind = preferred_type('application/json', 'application/xml')
+    response.content_type = f'{kind}; charset=utf-8'
+    return serialize(document, kind, 'job')
+
+
 # Routes -----------------------------------------------------------------------------------
 
 app = bottle.Bottle()
 app.install(translate_errors)
 app.default_error_handler = render_error
-
-
-def single(fields, name):
-    value = fields.pop(name, None)
-    return value[-1] if isinstance(value, list) else value
 
 
 @app.post('/<service_name>/annotate')
@@ -413,19 +491,7 @@ def annotate(service_name, storage_doc_id=None):
     """Submit a document by form or query fields; other fields reach the service as ``misc``."""
     service = service_named(service_name)
     require_token()
-    checked_body_size()
-    fields = form_fields()
-    doc_url, ann_doc_id, callback_url, storage_field = (single(fields, name) for name in FIELDS)
-    misc = {}
-    for name, value in fields.items():
-        match = STORAGE_ID.match(name)
-        if match:
-            name, value = f'{match[1]}_url', storage_url('get_storage_doc_url', 'storage_doc_id', value, name)
-        elif name.endswith('_url'):
-            checked_url(name, value)
-        misc[name] = value
-    return accept_job(service, document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url,
-                      misc)
+    return accept_job(service, *annotate_request(storage_doc_id))
 
 
 @app.post('/<service_name>/process')
@@ -434,52 +500,25 @@ def process(service_name, storage_doc_id=None):
     """Submit a JSON body, passed whole to the service as ``misc``."""
     service = service_named(service_name)
     require_token()
-    checked_body_size()
-    body = json_body()
-    query = form_fields()
-    doc_url, ann_doc_id, callback_url, storage_field = (
-        body.get(name) if body.get(name) is not None else single(query, name) for name in FIELDS)
-    return accept_job(service, document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url,
-                      body)
-
-
-def document_url(doc_url, storage_doc_id):
-    if storage_doc_id is None:
-        return doc_url
-    if doc_url is not None:
-        raise GatewayError(207, 'give doc_url or a storage document id, not both')
-    return storage_url('get_storage_doc_url', 'storage_doc_id', storage_doc_id, 'storage_doc_id')
+    return accept_job(service, *process_request(storage_doc_id))
 
 
 @app.get('/<service_name>/status')
 def status(service_name):
     service = service_named(service_name)
-    uuid = required_uuid()
-    return answer(job_state(service, uuid, owned_job(service, uuid)))
+    uuid = requested_uuid(service)
+    return job_response(job_state(service, uuid, owned_job(service, uuid)))
 
 
 @app.route('/<service_name>/cancel', method=['GET', 'POST'])
 def cancel(service_name):
     service = service_named(service_name)
     require_token()
-    uuid = required_uuid()
+    uuid = requested_uuid(service)
     job = owned_job(service, uuid)
     if job is not None:
         revoke(service, job)
-    return answer(job_state(service, uuid, job))
-
-
-def required_uuid():
-    uuid = request.query.get('uuid')
-    if not uuid:
-        raise GatewayError(206, 'missing parameter uuid')
-    return uuid
-
-
-def answer(document):
-    kind = preferred_type('application/json', 'application/xml')
-    response.content_type = f'{kind}; charset=utf-8'
-    return serialize(document, kind, 'job')
+    return job_response(job_state(service, uuid, job))
 
 
 # Main -------------------------------------------------------------------------------------
@@ -488,27 +527,31 @@ def serve():
     """Serve the gateway with waitress (``python app.py`` with a Redis URL)."""
     import waitress
 
-    if not settings.jwt_secret and not settings.auth_bypass:
-        sys.exit('settings error: GATEWAY_JWT_SECRET is not set')
+    require_secret()
     proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=(
         'x-forwarded-for x-forwarded-host x-forwarded-proto x-forwarded-port')) if settings.trusted_proxy else {}
-    waitress.serve(app, host=os.environ.get('HOST', '127.0.0.1'), port=settings.port,
-                   url_prefix=settings.url_prefix, **proxy)
+    waitress.serve(app, host=os.environ.get('HOST', '127.0.0.1'), port=settings.port, url_prefix=settings.url_prefix,
+                   max_request_body_size=max(10 * 2**20, 2 * settings.max_content_length), **proxy)
 
 
 def run_embedded():
-    """Run everything on this machine: an in-memory Redis (fakeredis), one worker per
-    service and the gateway, until Ctrl-C. The same processes as the Procfile's."""
+    """Run everything on this machine until Ctrl-C: an in-memory Redis (fakeredis), one
+    worker per service and the gateway, the same processes as the Procfile's. Unless the
+    settings name a storage, a loopback one serves ``samples/`` as stored documents and
+    keeps posted annotations in memory."""
     from fakeredis import TcpFakeServer
 
     redis_server = TcpFakeServer(('127.0.0.1', 0))
     redis_server.daemon_threads = True  # a client blocked in BLPOP must not hold up Ctrl-C
     threading.Thread(target=redis_server.serve_forever, daemon=True).start()
-    samples = ThreadingHTTPServer(('127.0.0.1', 0), partial(QuietFiles, directory=HERE / 'samples'))
-    threading.Thread(target=samples.serve_forever, daemon=True).start()
+    storage = ThreadingHTTPServer(('127.0.0.1', 0), partial(EmbeddedStorage, directory=HERE / 'samples'))
+    threading.Thread(target=storage.serve_forever, daemon=True).start()
+    storage_base = 'http://{}:{}'.format(*storage.server_address)
     secret = settings.jwt_secret or secrets.token_urlsafe(48)
     redis_url = 'redis://{}:{}/0'.format(*redis_server.server_address)
-    env = dict(os.environ, REDIS_URL=redis_url, GATEWAY_JWT_SECRET=secret, GATEWAY_EMBEDDED_REDIS='1')
+    workdir = tempfile.mkdtemp(prefix='gateway-embedded-')
+    env = dict(os.environ, REDIS_URL=redis_url, GATEWAY_JWT_SECRET=secret, GATEWAY_EMBEDDED_REDIS='1',
+               GATEWAY_SETTINGS=str(embedded_settings(workdir, storage_base)))
     children = [subprocess.Popen([sys.executable, str(HERE / 'app.py')], env=env)]
     children += [subprocess.Popen([sys.executable, str(HERE / 'worker.py'), name], env=env)
                  for name in settings.services]
@@ -516,12 +559,11 @@ def run_embedded():
     try:
         wait_for_port(settings.port, children[0])
         base = f'http://127.0.0.1:{settings.port}'
-        sample = 'http://{}:{}/hello.wav'.format(*samples.server_address)
         service = next(iter(settings.services))
         print(f'Embedded mode: in-memory Redis (fakeredis) at {redis_url}, {len(settings.services)} worker(s) '
               f'({", ".join(settings.services)}), gateway on {base}; Ctrl-C stops everything.\n'
               f'Try it (the token is valid for {settings.jwt_ttl} s):\n\n'
-              f'  curl {base}/{service}/annotate --data-urlencode doc_url={sample} '
+              f'  curl {base}/{service}/annotate --data-urlencode doc_url={storage_base}/hello.wav '
               f'--header "Authorization: Bearer {make_token(secret, settings.jwt_ttl)}"\n'
               f'  curl "{base}/{service}/status?uuid=<the uuid it answered>"\n', flush=True)
         while all(child.poll() is None for child in children):
@@ -537,12 +579,55 @@ def run_embedded():
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
-        samples.shutdown()
+        storage.shutdown()
         redis_server.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-class QuietFiles(SimpleHTTPRequestHandler):
-    """Serves the sample documents without logging each request."""
+def embedded_settings(directory, storage_base):
+    """A copy of the settings for the embedded processes, with the loopback storage
+    wherever the settings name none."""
+    parser = configparser.ConfigParser(interpolation=None, default_section='no default section')
+    parser.read(settings.path, encoding='utf-8')
+    if not parser.has_section('storage'):
+        parser.add_section('storage')
+    loopback = {'get_storage_doc_url': f'{storage_base}/get/{{storage_doc_id}}',
+                'post_annotations_url': f'{storage_base}/document/{{ann_doc_id}}/annotations'}
+    for key, value in loopback.items():
+        if not parser.get('storage', key, fallback='').strip():
+            parser.set('storage', key, value)
+    path = Path(directory, 'settings.ini')
+    with open(path, 'w', encoding='utf-8') as file:
+        parser.write(file)
+    return path
+
+
+class EmbeddedStorage(SimpleHTTPRequestHandler):
+    """The loopback storage of the embedded mode: ``GET /get/<id>`` serves ``samples/<id>``;
+    ``POST /document/<id>/annotations`` keeps the annotations, which ``GET`` then returns."""
+
+    annotations = {}
+
+    def do_GET(self):
+        if self.path.startswith('/get/'):
+            self.path = self.path[len('/get'):]
+            return super().do_GET()
+        if self.path in self.annotations:
+            return self.reply(200, self.annotations[self.path])
+        return super().do_GET()
+
+    def do_POST(self):
+        if not re.fullmatch(r'/document/[^/]+/annotations', self.path):
+            return self.reply(404, b'{}')
+        self.annotations[self.path] = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        return self.reply(200, b'{}')
+
+    def reply(self, status, body):
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -567,8 +652,7 @@ def main(argv=None):
     token.add_argument('--ttl', type=int, default=settings.jwt_ttl, help='lifetime in seconds')
     args = parser.parse_args(argv)
     if args.command == 'token':
-        if not settings.jwt_secret:
-            sys.exit('settings error: GATEWAY_JWT_SECRET is not set')
+        require(settings.jwt_secret, 'GATEWAY_JWT_SECRET is not set')
         print(make_token(settings.jwt_secret, args.ttl))
     elif settings.redis_url:
         serve()

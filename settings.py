@@ -21,7 +21,6 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 DEFAULT_SETTINGS = Path(__file__).with_name('settings.ini')
-DEFAULT_REDIS_URL = 'redis://127.0.0.1:6379/0'
 SERVICE_NAME = re.compile(r'^[A-Za-z0-9_-]+$')
 JWT_ALGORITHMS = {'HS256': 32, 'HS384': 48, 'HS512': 64}  # algorithm: minimum secret bytes (RFC 7518 3.2)
 CANARIE_FIELDS = ('name', 'synopsis', 'version', 'institution', 'releaseTime',
@@ -243,6 +242,12 @@ def _service(section, name):
     )
 
 
+def uuid_key(uuid):
+    """Redis key recording which service issued a uuid; it outlives the job, so that the
+    gateway can tell an expired job (EXPIRED) from a uuid it never issued (404)."""
+    return f'gateway:uuid:{uuid}'
+
+
 def gateway_redis(settings):
     """A Redis client that fails fast: the gateway answers 503 rather than hang on a dead Redis.
 
@@ -251,7 +256,7 @@ def gateway_redis(settings):
     ``redis_timeout`` on a Redis that does not answer.
     """
     return redis.Redis.from_url(
-        settings.redis_url or DEFAULT_REDIS_URL,
+        settings.redis_url,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         retry=Retry(NoBackoff(), retries=1, supported_errors=(redis.ConnectionError,)),
@@ -267,6 +272,6 @@ def worker_redis(settings):
     RQ sets the socket timeout to suit its blocking waits.
     """
     return redis.Redis.from_url(
-        settings.redis_url or DEFAULT_REDIS_URL,
+        settings.redis_url,
         retry=Retry(ExponentialBackoff(cap=5, base=0.25), retries=8, supported_errors=(redis.ConnectionError,)),
     )

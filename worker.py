@@ -26,6 +26,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -36,15 +37,27 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from rq import Worker, get_current_job
 from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 from urllib3.util.retry import Retry as HTTPRetry
 
-from settings import SettingsError, load_settings, worker_redis
+from settings import SettingsError, load_settings, uuid_key, worker_redis
 
 log = logging.getLogger('worker')
+
+
+@functools.cache
+def current_settings():
+    return load_settings()
+
+
+@functools.cache
+def service_function(dotted_path):
+    module, _, name = dotted_path.rpartition('.')
+    return getattr(importlib.import_module(module), name)
 
 
 # Errors ------------------------------------------------------------------------------------
@@ -105,8 +118,7 @@ def failure_of(error, service):
 
 class Request:
     """What a service function receives: the client's document and parameters, and a
-    way to report progress. The document is downloaded on first use of ``document``
-    and removed when the job ends, whatever happens."""
+    way to report progress. The document is downloaded on first use of ``document``."""
 
     def __init__(self, job, message, service):
         self.uuid = job.id
@@ -116,8 +128,8 @@ class Request:
         self.misc = message['service']['misc']
         self.logger = logging.LoggerAdapter(log.getChild(service.name), {'uuid': job.id})
         self._job = job
-        self._service = service
-        self._workdir = None
+        self._max_document_size = service.max_document_size
+        self._download_timeout = service.download_timeout
         self._document = None
 
     @property
@@ -126,9 +138,15 @@ class Request:
         if self._document is None:
             if not self.url:
                 raise DownloadError('this request has no document URL')
-            self._workdir = tempfile.mkdtemp(prefix=f'gateway-{self.uuid}-')
-            self._document = download(self.url, self._workdir, self._service.max_document_size,
-                                      self._service.download_timeout)
+            save_meta(self._job, phase='received')  # SPEC: RECEIVED while the document downloads
+            directory = job_directory(self.uuid)
+            shutil.rmtree(directory, ignore_errors=True)  # left by an attempt whose worker died
+            try:
+                os.mkdir(directory, 0o700)
+            except OSError as error:
+                raise DownloadError(f'cannot make the download directory: {error}') from None
+            self._document = download(self.url, directory, self._max_document_size, self._download_timeout)
+            save_meta(self._job, phase='started')
         return self._document
 
     def set_progress(self, current):
@@ -139,9 +157,11 @@ class Request:
             raise ValueError(f'progress must be between 0 and 100, not {current}')
         save_meta(self._job, phase='progress', progress=current)
 
-    def cleanup(self):
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+
+def job_directory(uuid):
+    """Where a job's document goes. The worker removes it when the job ends, even when the
+    job's process was killed; made with os.mkdir, so a planted link there is refused."""
+    return Path(tempfile.gettempdir(), f'gateway-job-{uuid}')
 
 
 def save_meta(job, **values):
@@ -168,28 +188,33 @@ def http_session(retries):
 
 
 def download(url, directory, max_size, timeout):
-    """Download ``url`` into ``directory`` within ``max_size`` bytes and ``timeout`` seconds."""
+    """Download ``url`` into ``directory`` within ``max_size`` bytes and ``timeout`` seconds.
+
+    The file keeps the URL's extension, which some tools go by, but not its name.
+    """
     if urlsplit(url).scheme not in ('http', 'https'):
         raise DownloadError(f'only http and https documents can be downloaded, not {url}')
-    name = Path(unquote(urlsplit(url).path)).name or 'document'
-    path = Path(directory, name)
+    suffix = Path(urlsplit(url).path).suffix
+    path = Path(directory, 'document' + (suffix if re.fullmatch(r'\.[A-Za-z0-9]{1,10}', suffix) else ''))
     deadline = time.monotonic() + timeout
+    too_large = DownloadError(f'document larger than the service accepts ({max_size} bytes)')
     try:
-        with http_session(retries=2).get(url, stream=True, timeout=min(timeout, 30)) as response:
+        # Each read waits at most 10 s, so that the deadline is checked even on a trickle.
+        with http_session(retries=2) as session, session.get(url, stream=True, timeout=min(timeout, 10)) as response:
             if response.status_code >= 400:
                 raise DownloadError(f'document download failed: HTTP {response.status_code} from {url}')
             if int(response.headers.get('Content-Length') or 0) > max_size:
-                raise DownloadError(f'document larger than the service accepts ({max_size} bytes)')
+                raise too_large
             with open(path, 'wb') as file:
                 size = 0
-                for chunk in response.iter_content(64 * 1024):
+                while chunk := response.raw.read1(64 * 1024, decode_content=True):
                     size += len(chunk)
                     if size > max_size:
-                        raise DownloadError(f'document larger than the service accepts ({max_size} bytes)')
+                        raise too_large
                     if time.monotonic() > deadline:
                         raise DownloadError(f'document download took longer than {timeout} s')
                     file.write(chunk)
-    except requests.RequestException as error:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as error:
         raise DownloadError(f'document download failed: {error}') from None
     return str(path)
 
@@ -197,42 +222,34 @@ def download(url, directory, max_size, timeout):
 def store_annotations(url, annotations, timeout, retries):
     """POST the annotations to the annotation store, retrying timeouts and refusals."""
     try:
-        response = http_session(retries).post(url, json={'common': {}, 'data': annotations}, timeout=timeout)
-    except requests.RequestException as error:
+        with http_session(retries) as session:
+            response = session.post(url, json={'common': {}, 'data': annotations}, timeout=timeout)
+    except (requests.RequestException, ValueError) as error:
         raise StorageError(f'annotation upload failed: {error}') from None
     if not response.ok:
         raise StorageError(f'annotation upload failed: HTTP {response.status_code} from {url}')
 
 
 def send_callback(url, uuid, status):
-    """POST ``{"uuid", "status"}`` to a client's callback URL; a failure is logged, never raised."""
+    """POST ``{"uuid", "status"}`` to a client's callback URL. A failure is logged, never
+    raised: a callback must not change how its job ended."""
     settings = current_settings()
     try:
-        http_session(settings.callback_retries).post(
-            url, json={'uuid': uuid, 'status': status}, timeout=settings.storage_timeout).raise_for_status()
-    except requests.RequestException as error:
+        with http_session(settings.callback_retries) as session:
+            session.post(url, json={'uuid': uuid, 'status': status},
+                         timeout=settings.storage_timeout).raise_for_status()
+    except Exception as error:
         log.warning('callback for job %s to %s failed: %s', uuid, url, error)
 
 
 # The job ----------------------------------------------------------------------------------
 
-@functools.cache
-def current_settings():
-    return load_settings()
-
-
-@functools.cache
-def service_function(dotted_path):
-    module, _, name = dotted_path.rpartition('.')
-    return getattr(importlib.import_module(module), name)
-
-
 def perform_request(message):
     """The RQ job of every submission: run the service, then store its annotations.
 
-    Phases are recorded in the job's meta so that the gateway can tell STARTED,
-    PROGRESS and STORING apart; a failure is recorded with its code before RQ
-    marks the job failed (or schedules its retry).
+    Phases are recorded in the job's meta so that the gateway can tell RECEIVED,
+    STARTED, PROGRESS and STORING apart; a failure is recorded with its code before
+    RQ marks the job failed (or schedules its retry).
     """
     job = get_current_job()
     service = current_settings().services[message['service']['type']]
@@ -243,7 +260,7 @@ def perform_request(message):
             'host': socket.gethostname(), 'type': service.name})
         annotations = service_function(service.function)(request)
         try:
-            json.dumps(annotations)
+            json.dumps(annotations, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise AnnotationFormatError(f'annotations are not JSON: {error}') from None
         if not isinstance(annotations, list):
@@ -257,35 +274,46 @@ def perform_request(message):
     except Exception as error:
         save_meta(job, phase='failed', failure=failure_of(error, service))
         raise
-    finally:
-        request.cleanup()
 
 
 # The worker -------------------------------------------------------------------------------
 
 class GatewayWorker(Worker):
-    """An RQ worker that tells a job's ``callback_url`` how the job ended.
+    """An RQ worker that finishes what a job leaves behind, even when its work horse dies:
+    the job's failure, its download directory, its uuid record and its callback.
 
-    RQ's job callbacks run before the job's end is saved, so a client polling
-    on a callback could still read STARTED; these hooks post once it is saved.
+    RQ's job callbacks run before the job's end is saved, so a client polling on a
+    callback could still read STARTED; ``job_ended`` runs once the end is saved.
     """
+
+    def execute_job(self, job, queue):
+        try:
+            super().execute_job(job, queue)
+        finally:
+            shutil.rmtree(job_directory(job.id), ignore_errors=True)
 
     def handle_job_success(self, job, queue, started_job_registry, execution):
         super().handle_job_success(job, queue, started_job_registry, execution)
-        self.notify(job, 'SUCCESS')
+        self.job_ended(job, 'SUCCESS')
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string='', execution=None):
+        if not self.is_horse:
+            # The work horse died (killed, out of memory, stopped) and this process holds the
+            # job as it was dequeued: reload what the horse recorded, which RQ saves back.
+            job.get_meta(refresh=True)
+            if job.meta.get('phase') != 'failed':
+                save_meta(job, phase='failed', failure={
+                    'code': 306, 'message': f'the service process ended unexpectedly: {exc_string.strip()}'})
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
-        ended = {JobStatus.FAILED: 'FAILURE', JobStatus.STOPPED: 'REVOKED'}
-        status = ended.get(job.get_status(refresh=True))
+        status = {JobStatus.FAILED: 'FAILURE', JobStatus.STOPPED: 'REVOKED'}.get(job.get_status(refresh=True))
         if status:  # otherwise RQ has scheduled a retry
-            self.notify(job, status)
+            self.job_ended(job, status)
 
-    @staticmethod
-    def notify(job, status):
-        callback_url = job.meta.get('callback_url')
-        if callback_url:
-            send_callback(callback_url, job.id, status)
+    def job_ended(self, job, status):
+        # The uuid record must outlive the job's result, which expires result_ttl from now.
+        self.connection.expire(uuid_key(job.id), current_settings().uuid_ttl)
+        if job.meta.get('callback_url'):
+            send_callback(job.meta['callback_url'], job.id, status)
 
 
 class EmbeddedRedisWorker(GatewayWorker):
@@ -316,6 +344,8 @@ def main(argv=None):
             except (ImportError, AttributeError, ValueError) as error:
                 raise SettingsError(f'[service:{service.name}] function: cannot import '
                                     f'{service.function!r}: {error}') from None
+        if not settings.redis_url:
+            raise SettingsError('REDIS_URL is not set')
     except SettingsError as error:
         sys.exit(f'settings error: {error}')
 

@@ -133,8 +133,14 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture
 def redis_db(redis_server):
-    """A client of the private Redis, flushed so that each test starts from nothing."""
-    if redis_server.process.poll() is not None:  # a fault test left it stopped
+    """A client of the private Redis, flushed so that each test starts from nothing.
+
+    fakeredis is restarted instead: it keeps serving the blocking dequeue of a worker
+    that has gone, which would take the next test's job.
+    """
+    if redis_server.is_fake and redis_server.process.poll() is None:
+        redis_server.stop()
+    if redis_server.process.poll() is not None:  # stopped above, or left stopped by a fault test
         redis_server.start()
     client = redis_server.client()
     client.flushall()
@@ -148,6 +154,8 @@ class Web:
 
     def __init__(self):
         self.documents = {}   # name: bytes served at /docs/<name>
+        self.held = {}        # name: threading.Event; the document is served once it is set
+        self.trickled = set()  # names of documents sent one byte every 0.2 s
         self.stored = []      # (ann_doc_id, body) posted to the store
         self.callbacks = []   # bodies posted to /callback
         self.store_status = 200
@@ -178,6 +186,10 @@ class Web:
             return False
 
     def reset(self):
+        for event in self.held.values():
+            event.set()
+        self.held.clear()
+        self.trickled.clear()
         self.documents.clear()
         self.stored.clear()
         self.callbacks.clear()
@@ -189,7 +201,12 @@ class Web:
 
     def _documents_and_callbacks(self, handler):
         if handler.command == 'GET' and handler.path.startswith('/docs/'):
-            body = self.documents.get(handler.path[len('/docs/'):])
+            name = handler.path[len('/docs/'):]
+            if name in self.held:
+                self.held[name].wait(timeout=30)
+            body = self.documents.get(name)
+            if body is not None and name in self.trickled:
+                return 200, (body[i:i + 1] for i in range(len(body)))
             return (200, body) if body is not None else (404, b'no such document')
         if handler.command == 'POST' and handler.path == '/callback':
             self.callbacks.append(json.loads(handler.body))
@@ -217,9 +234,19 @@ class Web:
                 self.body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
                 status, body = route(self)
                 self.send_response(status)
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if isinstance(body, bytes):
+                    self.send_header('Content-Length', str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.end_headers()  # a trickle: one piece every 0.2 s, until the client gives up
+                for piece in body:
+                    try:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.2)
 
             def log_message(self, *args):
                 pass
@@ -270,6 +297,21 @@ function = tests.example_services.echo
 [service:crash]
 version = 1.0.0
 function = tests.example_services.crash
+[service:die]
+version = 1.0.0
+function = tests.example_services.die
+retries = 1
+retry_interval = 2
+[service:held]
+version = 1.0.0
+function = tests.example_services.wait_for_release
+[service:slowdoc]
+version = 1.0.0
+function = tests.example_services.document_size
+download_timeout = 1
+[service:downloader]
+version = 1.0.0
+function = tests.example_services.download_then_sleep
 [service:custom]
 version = 1.0.0
 function = tests.example_services.custom_failure
@@ -296,7 +338,11 @@ noparams = true
 """
 
 
-def write_settings(path, web, annotator_version='1.0.0'):
+def write_settings(path, web, annotator_version='1.0.0', storage=True):
+    """The tests' settings: services of tests/example_services.py, storage on the ``web`` fixture."""
+    storage_urls = f"""
+get_storage_doc_url = {web.url('/docs/{storage_doc_id}')}
+post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?storageType=2""" if storage else ''
     path.write_text(f"""
 [gateway]
 name = Service Gateway under test
@@ -306,9 +352,7 @@ max_content_length = 4096
 [security]
 jwt_audience = {AUDIENCE}
 jwt_algorithm = HS256
-[storage]
-get_storage_doc_url = {web.url('/docs/{storage_doc_id}')}
-post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?storageType=2
+[storage]{storage_urls}
 timeout = 2
 retries = 2
 callback_retries = 1
@@ -426,12 +470,21 @@ def start_worker(settings_file, redis_server, redis_db):
 
     yield start
     for process in processes:
-        # Twice: RQ's first SIGTERM waits for the running job, the second kills it (cold shutdown).
+        stop_worker(process)
+
+
+def stop_worker(process):
+    """SIGTERM: an idle worker stops; a busy one finishes its job, unless a second SIGTERM,
+    more than a second later (RQ ignores quicker repeats), tells it to kill the job."""
+    process.terminate()
+    try:
+        process.wait(timeout=1.5)
+    except subprocess.TimeoutExpired:
         process.terminate()
-        time.sleep(0.2)
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        process.wait(timeout=10)
+
+
+def wait_idle(redis_db, worker):
+    """Wait until a worker has finished its job, callback included."""
+    wait_until(lambda: Worker.find_by_key(worker.key, connection=redis_db).get_state() == 'idle',
+               message=f'worker {worker.name} to be idle')

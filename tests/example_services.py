@@ -1,6 +1,8 @@
 """Services that exist only for the tests, each named in the tests' settings (conftest.py)."""
 
+import builtins
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -26,7 +28,28 @@ def echo(request):
 
 
 def crash(request):
-    raise RuntimeError('the service broke')
+    """Raise the built-in exception named by misc["error"] (default RuntimeError)."""
+    raise getattr(builtins, request.misc.get('error', 'RuntimeError'))('the service broke')
+
+
+def die(request):
+    """Kill the process running the service, as the kernel's out-of-memory killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for_release(request):
+    """Run without reporting progress until the file misc["release"] exists (a minute at most)."""
+    release = Path(request.misc['release'])
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [{'@id': request.uuid, 'released': release.exists()}]
+
+
+def download_then_sleep(request):
+    """Download the document, report progress, then run until cancelled (a minute at most)."""
+    request.document
+    return sleep_until_cancelled(request)
 
 
 def custom_failure(request):

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 
 import jwt
 import pytest
@@ -17,26 +18,30 @@ def unsigned_token():
     return f'{part({"alg": "none", "typ": "JWT"})}.{part({"aud": AUDIENCE, "exp": 2**40})}.'
 
 
+# Each case: the Authorization header (made when the test runs) and what the refusal says.
 REFUSED = {
-    'no header': None,
-    'garbage': 'Bearer not.a.token',
-    'empty bearer': 'Bearer ',
-    'wrong signature': token(secret='another-secret-of-sixty-four-bytes-' + 'x' * 29),
-    'wrong audience': token(audience='someone-else'),
-    'expired': token(expires_in=-60),
-    'no expiry': jwt.encode({'aud': AUDIENCE}, SECRET, algorithm='HS256'),
-    'alg none': unsigned_token(),
-    'other HS algorithm': token(algorithm='HS512'),
+    'no header': (lambda: None, 'missing Authorization header'),
+    'garbage': (lambda: 'Bearer not.a.token', 'Not enough segments|Invalid header'),
+    'empty bearer': (lambda: 'Bearer ', 'missing Authorization header'),
+    'wrong signature': (lambda: token(secret='another-secret-of-sixty-four-bytes-' + 'x' * 29),
+                        'Signature verification failed'),
+    'wrong audience': (lambda: token(audience='someone-else'), 'Audience'),
+    'expired': (lambda: token(expires_in=-60), 'expired'),
+    'no expiry': (lambda: jwt.encode({'aud': AUDIENCE}, SECRET, algorithm='HS256'), '"exp"'),
+    'alg none': (unsigned_token, 'alg value is not allowed'),
+    'other HS algorithm': (lambda: token(algorithm='HS512'), 'alg value is not allowed'),
 }
 
 
 @pytest.mark.parametrize('case', REFUSED)
 def test_submission_without_a_valid_token_is_refused_with_208(gateway, case):
-    headers = {'Authorization': REFUSED[case]} if REFUSED[case] is not None else {}
+    header, reason = REFUSED[case]
+    headers = {'Authorization': header()} if header() is not None else {}
     answer = requests.post(f'{gateway.url}/echo/annotate', data={'doc_url': 'http://127.0.0.1:9/a.wav'},
                            headers=headers, timeout=10)
     assert answer.status_code == 401
     assert answer.json()['vesta']['code'] == 208
+    assert re.search(reason, answer.json()['vesta']['message']), answer.json()
     assert answer.headers['WWW-Authenticate'] == 'Bearer'
 
 

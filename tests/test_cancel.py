@@ -1,6 +1,7 @@
 """Cancelling: a waiting job is taken off its queue, a running one is killed by its worker."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from rq.job import Job
@@ -82,3 +83,10 @@ def test_cancel_needs_a_token(gateway):
     answer = requests.post(f'{gateway.url}/echo/cancel', params={'uuid': uuid}, timeout=10)
     assert answer.status_code == 401 and answer.json()['vesta']['code'] == 208
     assert gateway.state('echo', uuid)['status'] == 'PENDING'
+
+
+def test_concurrent_cancels_of_a_waiting_job_all_answer_revoked(gateway):
+    uuid = gateway.submitted('sleeper', doc_url='http://127.0.0.1:9/a.wav')
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: gateway.cancel('sleeper', uuid), range(8)))
+    assert [(a.status_code, a.json()['status']) for a in answers] == [(200, 'REVOKED')] * 8

@@ -60,26 +60,45 @@ def embedded():
         process.wait(timeout=30)
 
 
+class PrintedCommand:
+    """The curl command ``python app.py`` printed, taken apart, and a way to follow its jobs."""
+
+    def __init__(self, lines):
+        command = next(line for line in lines if '/annotate' in line)
+        self.base, self.service = re.search(r'curl (http://[^/]+)/(\w+)/annotate', command).groups()
+        self.doc_url = re.search(r'doc_url=(\S+)', command)[1]
+        self.authorization = re.search(r'--header "Authorization: ([^"]+)"', command)[1]
+
+    def submit(self, route='annotate', **fields):
+        answer = requests.post(f'{self.base}/{self.service}/{route}', data=fields,
+                               headers={'Authorization': self.authorization}, timeout=10)
+        assert answer.status_code == 202, answer.text
+        return answer.json()['uuid']
+
+    def final_state(self, uuid):
+        def ended():
+            state = requests.get(f'{self.base}/{self.service}/status', params={'uuid': uuid}, timeout=10).json()
+            return state if state['status'] in ('SUCCESS', 'FAILURE') else None
+        return wait_until(ended, timeout=30, message='the embedded job')
+
+
 def test_embedded_default_runs_the_full_flow_to_success(embedded):
-    process, lines = embedded
+    _, lines = embedded
     assert lines[0].startswith('Embedded mode: in-memory Redis (fakeredis)')
-    command = next(line for line in lines if '/annotate' in line)
-    base, service = re.search(r'curl (http://[^/]+)/(\w+)/annotate', command).groups()
-    doc_url = re.search(r'doc_url=(\S+)', command)[1]
-    authorization = re.search(r'--header "Authorization: ([^"]+)"', command)[1]
-    answer = requests.post(f'{base}/{service}/annotate', data={'doc_url': doc_url},
-                           headers={'Authorization': authorization}, timeout=10)
-    assert answer.status_code == 202
-    uuid = answer.json()['uuid']
-
-    def succeeded():
-        state = requests.get(f'{base}/{service}/status', params={'uuid': uuid}, timeout=10).json()
-        return state if state['status'] in ('SUCCESS', 'FAILURE') else None
-
-    state = wait_until(succeeded, timeout=30, message='the embedded job')
+    command = PrintedCommand(lines)
+    state = command.final_state(command.submit(doc_url=command.doc_url))
     assert state['status'] == 'SUCCESS'
     assert state['result'][0]['type'] == 'audio' and state['result'][0]['duration'] > 1
     assert {annotation['type'] for annotation in state['result'][1:]} == {'sound', 'silence'}
+
+
+def test_embedded_storage_takes_annotations_and_serves_documents(embedded):
+    command = PrintedCommand(embedded[1])
+    state = command.final_state(command.submit(route='annotate/hello.wav', ann_doc_id='doc 1'))
+    assert state['status'] == 'SUCCESS', state
+    storage = command.doc_url.rsplit('/', 1)[0]
+    stored = requests.get(f'{storage}/document/doc%201/annotations', timeout=10).json()
+    assert stored == {'common': {}, 'data': state['result']}
 
 
 def test_ctrl_c_stops_everything_it_started(embedded):

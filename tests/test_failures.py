@@ -1,6 +1,10 @@
 """Failures are answers: FAILURE with the code of SPEC section 6, RETRY while a retry is due."""
 
-from conftest import wav_bytes
+import time
+
+import pytest
+
+from conftest import wait_idle, wav_bytes
 
 
 def failure_of(gateway, service, **fields):
@@ -42,10 +46,31 @@ def test_bad_service_parameter_fails_with_105(gateway, web, start_worker):
     assert result['code'] == 105 and 'window' in result['message']
 
 
-def test_service_that_raises_fails_with_306(gateway, start_worker):
+@pytest.mark.parametrize('error, code', [('RuntimeError', 306), ('TypeError', 104), ('ValueError', 105),
+                                         ('OSError', 107), ('KeyError', 108)])
+def test_exception_of_the_service_fails_with_its_code(gateway, start_worker, error, code):
     start_worker('crash')
-    result = failure_of(gateway, 'crash', doc_url='http://127.0.0.1:9/a.wav')
-    assert result == {'code': 306, 'message': 'RuntimeError: the service broke'}
+    result = failure_of(gateway, 'crash', doc_url='http://127.0.0.1:9/a.wav', error=error)
+    assert result['code'] == code and result['message'].startswith(f'{error}: ')
+
+
+def test_service_process_killed_goes_retry_then_failure_306(gateway, start_worker):
+    start_worker('die')
+    uuid = gateway.submitted('die', doc_url='http://127.0.0.1:9/a.wav')
+    final, seen = gateway.wait_for('die', uuid, 'FAILURE')
+    retry = [state['result'] for state in seen if state['status'] == 'RETRY']
+    assert retry and retry[0]['code'] == 306 and 'ended unexpectedly' in retry[0]['message']
+    assert final['result']['code'] == 306
+
+
+def test_document_slower_than_download_timeout_fails_with_301(gateway, web, start_worker):
+    start_worker('slowdoc')
+    web.documents['slow.bin'] = b'x' * 100  # 20 s at the trickle's pace
+    web.trickled.add('slow.bin')
+    started = time.monotonic()
+    result = failure_of(gateway, 'slowdoc', doc_url=web.url('/docs/slow.bin'))
+    assert result['code'] == 301 and 'longer than 1 s' in result['message']
+    assert time.monotonic() - started < 10
 
 
 def test_service_may_fail_with_a_code_of_its_own(gateway, start_worker):
@@ -63,8 +88,10 @@ def test_service_over_its_timeout_fails_with_306(gateway, start_worker):
 def test_annotation_store_down_fails_with_302_after_its_retries(gateway, web, start_worker):
     start_worker('echo')
     web.stop_store()
+    started = time.monotonic()
     result = failure_of(gateway, 'echo', doc_url='http://127.0.0.1:9/a.wav', ann_doc_id='d1')
-    assert result['code'] == 302 and 'Max retries exceeded' in result['message']
+    assert result['code'] == 302 and 'Connection refused' in result['message']
+    assert time.monotonic() - started > 1  # two retries, 0 s and 1 s apart (urllib3's back-off)
 
 
 def test_annotation_store_refusal_fails_with_302(gateway, web, start_worker):
@@ -84,15 +111,25 @@ def test_service_that_fails_once_with_one_retry_goes_retry_then_success(gateway,
     assert retry and retry[0] == {'code': 107, 'message': 'ConnectionError: the first attempt fails'}
 
 
-def test_callback_tells_failure(gateway, web, start_worker):
-    start_worker('crash')
+def test_callback_tells_failure(gateway, web, start_worker, redis_db):
+    worker = start_worker('crash')
     uuid = gateway.submitted('crash', doc_url='http://127.0.0.1:9/a.wav', callback_url=web.url('/callback'))
-    assert web.wait_for_callbacks(1) == [{'uuid': uuid, 'status': 'FAILURE'}]
+    gateway.wait_for('crash', uuid, 'FAILURE')
+    wait_idle(redis_db, worker)
+    assert web.callbacks == [{'uuid': uuid, 'status': 'FAILURE'}]
 
 
-def test_callback_waits_for_the_last_retry(gateway, web, start_worker, tmp_path):
-    start_worker('flaky')
+def test_callback_waits_for_the_last_retry(gateway, web, start_worker, tmp_path, redis_db):
+    worker = start_worker('flaky')
     uuid = gateway.submitted('flaky', doc_url='http://127.0.0.1:9/a.wav', marker=str(tmp_path / 'marker'),
                              callback_url=web.url('/callback'))
     gateway.wait_for('flaky', uuid, 'SUCCESS')
-    assert web.wait_for_callbacks(1) == [{'uuid': uuid, 'status': 'SUCCESS'}]
+    wait_idle(redis_db, worker)
+    assert web.callbacks == [{'uuid': uuid, 'status': 'SUCCESS'}]
+
+
+def test_unusable_callback_url_does_not_change_the_outcome(gateway, start_worker, redis_db):
+    start_worker('echo')
+    uuid = gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav', callback_url='http://127.0.0.1:9/gone')
+    final, _ = gateway.wait_for('echo', uuid, 'SUCCESS', 'FAILURE')
+    assert final['status'] == 'SUCCESS'

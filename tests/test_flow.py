@@ -1,26 +1,33 @@
 """The seed's flow end to end: submit, queue, work, progress, store, status, callback."""
 
 import os
+import tempfile
+import threading
+from pathlib import Path
 from urllib.parse import quote
 from xml.etree import ElementTree
 
 import pytest
+from rq.job import Job
 
-from conftest import Gateway, run_gateway, stop, wav_bytes
+from conftest import Gateway, run_gateway, stop, wait_idle, wait_until, wav_bytes
 
 # 1 s tone, 1 s silence, 1 s tone.
 TONE_SILENCE_TONE = [(1, 0.5), (1, 0), (1, 0.5)]
 
 
 @pytest.fixture
-def annotated(gateway, web, start_worker):
-    """A WAV submitted to the annotator with ann_doc_id and callback_url, followed to SUCCESS."""
-    start_worker('annotator')
+def annotated(gateway, web, start_worker, redis_db):
+    """A WAV submitted to the annotator with ann_doc_id and callback_url before any worker
+    runs, then followed to SUCCESS; the worker is idle (its callback sent) when this returns."""
     web.documents['speech.wav'] = wav_bytes(TONE_SILENCE_TONE)
     uuid = gateway.submitted('annotator', doc_url=web.url('/docs/speech.wav'), ann_doc_id='doc 42/a',
                              callback_url=web.url('/callback'))
+    pending = gateway.state('annotator', uuid)
+    worker = start_worker('annotator')
     final, seen = gateway.wait_for('annotator', uuid, 'SUCCESS', 'FAILURE')
-    return uuid, final, seen
+    wait_idle(redis_db, worker)
+    return uuid, final, [pending, *seen]
 
 
 def test_submission_answers_202_with_uuid_and_status_location(gateway, web, start_worker):
@@ -39,7 +46,7 @@ def test_seed_flow_goes_pending_progress_success(annotated):
     uuid, final, seen = annotated
     statuses = [state['status'] for state in seen]
     assert final['status'] == 'SUCCESS', final
-    assert statuses.index('PROGRESS') < statuses.index('SUCCESS')
+    assert statuses[0] == 'PENDING' and statuses.index('PROGRESS') < statuses.index('SUCCESS')
     progress = [state['result'] for state in seen if state['status'] == 'PROGRESS']
     assert any(0 < result['current'] < 100 for result in progress)
     assert all(result['total'] == 100 and result['worker_id_version'] == '1.0.0' and result['type'] == 'annotator'
@@ -62,16 +69,38 @@ def test_annotation_store_receives_the_annotations_once(annotated, web):
 
 def test_callback_comes_once_with_success(annotated, web):
     uuid, _, _ = annotated
-    assert web.wait_for_callbacks(1) == [{'uuid': uuid, 'status': 'SUCCESS'}]
+    assert web.callbacks == [{'uuid': uuid, 'status': 'SUCCESS'}]
 
 
-def test_storing_state_is_reported_while_the_store_answers(gateway, web, start_worker):
+def test_received_while_the_document_downloads(gateway, web, start_worker):
+    start_worker('small')
+    web.documents['doc.bin'] = b'x' * 10
+    web.held['doc.bin'] = threading.Event()
+    uuid = gateway.submitted('small', doc_url=web.url('/docs/doc.bin'))
+    received, _ = gateway.wait_for('small', uuid, 'RECEIVED')
+    web.held['doc.bin'].set()
+    final, _ = gateway.wait_for('small', uuid, 'SUCCESS')
+    assert received['result'] is None and final['result'][0]['size'] == 10
+
+
+def test_started_while_the_service_runs_without_progress(gateway, start_worker, tmp_path):
+    start_worker('held')
+    uuid = gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav', release=str(tmp_path / 'go'))
+    started, _ = gateway.wait_for('held', uuid, 'STARTED')
+    (tmp_path / 'go').touch()
+    final, _ = gateway.wait_for('held', uuid, 'SUCCESS')
+    assert started['result'] is None and final['result'][0]['released']
+
+
+def test_storing_is_reported_while_the_store_is_retried(gateway, web, start_worker):
     start_worker('echo')
     web.store_status = 503  # retried with back-off, long enough to be seen
     uuid = gateway.submitted('echo', doc_url=web.url('/docs/x.wav'), ann_doc_id='slow')
     final, seen = gateway.wait_for('echo', uuid, 'FAILURE')
     storing = [state for state in seen if state['status'] == 'STORING']
     assert storing and set(storing[0]['result']) == {'worker_id_version', 'start_time', 'host', 'type'}
+    assert final['result']['code'] == 302
+    assert len(web.stored) == 3  # the tests' [storage] retries = 2
 
 
 def test_storage_doc_id_in_the_path_resolves_through_get_storage_doc_url(gateway, web, start_worker):
@@ -159,5 +188,24 @@ def test_downloaded_document_is_removed_when_the_job_ends(gateway, web, start_wo
     uuid = gateway.submitted('small', doc_url=web.url('/docs/doc.bin'))
     final, _ = gateway.wait_for('small', uuid, 'SUCCESS')
     result = final['result'][0]
-    assert result['size'] == 500 and result['path'].endswith('doc.bin')
-    assert not os.path.exists(result['path'])
+    assert result['size'] == 500 and result['path'].endswith('.bin')
+    wait_until(lambda: not os.path.exists(os.path.dirname(result['path'])), message='the download to be removed')
+
+
+def test_downloaded_document_is_removed_when_its_job_is_cancelled(gateway, web, start_worker):
+    start_worker('downloader')
+    web.documents['doc.bin'] = b'x' * 500
+    uuid = gateway.submitted('downloader', doc_url=web.url('/docs/doc.bin'))
+    gateway.wait_for('downloader', uuid, 'PROGRESS')
+    directory = Path(tempfile.gettempdir(), f'gateway-job-{uuid}')
+    assert (directory / 'document.bin').read_bytes() == b'x' * 500
+    gateway.cancel('downloader', uuid)
+    wait_until(lambda: not directory.exists(), message='the download to be removed')
+
+
+def test_process_body_is_not_read_as_a_form(gateway, redis_db):
+    body = {'doc_url': 'http://127.0.0.1:9/a.wav', 'text': '50%ff off', 'note': 'a&callback_url=http://x.org/&b'}
+    answer = gateway.submit('echo', route='process', json=body)
+    assert answer.status_code == 202, answer.text
+    job = Job.fetch(answer.json()['uuid'], connection=redis_db)
+    assert job.meta['callback_url'] is None and job.args[0]['service']['misc'] == body

@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from conftest import wait_until, wav_bytes, write_settings
+from conftest import Gateway, run_gateway, stop, wait_until, wav_bytes, write_settings
 
 
 def vesta(answer):
@@ -30,7 +30,8 @@ def test_missing_doc_url_is_400_206(gateway, redis_db):
 
 
 @pytest.mark.parametrize('doc_url', ['ftp://x/y', 'not a url', 'http://', 'file:///etc/passwd',
-                                     'http://exa mple.org/a.wav'])
+                                     'http://exa mple.org/a.wav', 'http://[::1/a.wav', 'http://[zz]/a.wav',
+                                     'http://a..b/x', 'http://h:99999/x', 'http://h:abc/x'])
 def test_doc_url_that_is_not_http_is_400_207(gateway, doc_url):
     assert vesta(gateway.submit('echo', data={'doc_url': doc_url})) == (400, 207)
 
@@ -44,6 +45,18 @@ def test_every_url_field_is_checked(gateway):
 def test_doc_url_and_a_storage_id_together_are_400_207(gateway):
     answer = gateway.submit('echo', data={'doc_url': 'http://127.0.0.1:9/a.wav', 'storage_doc_id': 'x'})
     assert vesta(answer) == (400, 207)
+
+
+def test_storage_field_without_storage_settings_is_500_200(redis_server, redis_db, tmp_path, web):
+    process, url = run_gateway(write_settings(tmp_path / 'settings.ini', web, storage=False), redis_server)
+    try:
+        gateway = Gateway(url)
+        with_store = gateway.submit('echo', data={'doc_url': 'http://127.0.0.1:9/a.wav', 'ann_doc_id': 'x'})
+        with_storage_id = gateway.submit('echo', route='annotate/x')
+    finally:
+        stop(process)
+    assert vesta(with_store) == (500, 200) and 'post_annotations_url' in with_store.json()['vesta']['message']
+    assert vesta(with_storage_id) == (500, 200)
 
 
 def test_process_with_broken_json_is_400_210(gateway):
@@ -61,6 +74,7 @@ def test_body_over_the_limit_is_413_209(gateway, route):
 
 
 def test_chunked_body_over_the_limit_is_413_209(gateway):
+    # waitress joins the chunks and sets Content-Length, which the gateway checks first
     answer = gateway.submit('echo', data=(b'doc_url=http://x/' + b'y' * 100 for _ in range(60)))
     assert vesta(answer) == (413, 209)
 

@@ -72,7 +72,7 @@ def run(tmp_path, command, text=MINIMAL, **environ):
 
 def test_gateway_with_a_bad_setting_stops_with_one_line(tmp_path):
     done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'], MINIMAL + 'retries = -1\n',
-               GATEWAY_JWT_SECRET='s' * 32)
+               GATEWAY_JWT_SECRET='s' * 32, REDIS_URL='redis://127.0.0.1:9')
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == 'settings error: [service:annotator] retries: must be at least 0'
 
@@ -82,14 +82,25 @@ def test_gateway_without_a_jwt_secret_does_not_start(tmp_path):
     assert done.returncode != 0 and 'GATEWAY_JWT_SECRET is not set' in done.stderr.strip().splitlines()[-1]
 
 
+def test_gateway_without_redis_url_does_not_start(tmp_path):
+    done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'], GATEWAY_JWT_SECRET='s' * 32)
+    assert done.returncode != 0 and 'REDIS_URL is not set' in done.stderr.strip().splitlines()[-1]
+
+
+def test_worker_without_redis_url_does_not_start(tmp_path):
+    done = run(tmp_path, [sys.executable, 'worker.py', 'annotator'])
+    assert done.returncode != 0 and done.stderr.strip() == 'settings error: REDIS_URL is not set'
+
+
 def test_worker_for_an_unknown_service_stops_with_one_line(tmp_path):
-    done = run(tmp_path, [sys.executable, 'worker.py', 'nosuch'])
+    done = run(tmp_path, [sys.executable, 'worker.py', 'nosuch'], REDIS_URL='redis://127.0.0.1:9')
     assert done.returncode != 0
     assert done.stderr.strip() == "settings error: unknown service 'nosuch' (configured: annotator)"
 
 
 def test_worker_whose_function_cannot_be_imported_stops_with_one_line(tmp_path):
-    done = run(tmp_path, [sys.executable, 'worker.py', 'annotator'], MINIMAL.replace('annotator.annotate', 'nope.f'))
+    done = run(tmp_path, [sys.executable, 'worker.py', 'annotator'], MINIMAL.replace('annotator.annotate', 'nope.f'),
+               REDIS_URL='redis://127.0.0.1:9')
     assert done.returncode != 0
     assert done.stderr.strip().startswith("settings error: [service:annotator] function: cannot import 'services.nope.f'")
 
