@@ -10,11 +10,12 @@ callback. ``../shared/SPEC.md`` is the contract; the README is the manual.
     python app.py token [--ttl SECONDS]     print a valid JWT
 
 The file reads top to bottom: settings, errors, auth, job states, submissions,
-routes, main.
+API description, routes, CANARIE pages, monitoring, main.
 """
 
 import argparse
 import configparser
+import functools
 import html
 import json
 import logging
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,14 +40,19 @@ from xml.etree import ElementTree
 
 import bottle
 import jwt
+import markdown
 import redis
 from bottle import HTTPError, request, response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from settings import SettingsError, gateway_redis, load_settings, uuid_key
+from records import duration_histogram, invocations, record_submission, utc_text, uuid_key
+from settings import CANARIE_FIELDS, CANARIE_PAGES, SettingsError, gateway_redis, load_settings
 
 log = logging.getLogger('gateway')
 HERE = Path(__file__).parent
@@ -455,6 +462,7 @@ def accept_job(service, doc_url, ann_doc_id, callback_url, misc):
     with redis_db.pipeline() as pipe:  # the uuid record and the job are written together or not at all
         pipe.multi()
         pipe.set(uuid_key(uuid), service.name, ex=settings.uuid_ttl)
+        record_submission(pipe, service.name)
         queues[service.name].enqueue(
             'worker.perform_request', message, job_id=uuid, description=f'{service.name} {doc_url or ""}',
             job_timeout=service.timeout, result_ttl=settings.result_ttl, failure_ttl=settings.result_ttl,
@@ -478,17 +486,124 @@ def job_response(document):
     return serialize(document, kind, 'job')
 
 
+# API description --------------------------------------------------------------------------
+# Every route carries its OpenAPI operation (``described``); /openapi.json is assembled from
+# the routes themselves, and refuses to be assembled while a route lacks one.
+
+ERROR_CONTENT = {'application/json': {'schema': {'$ref': '#/components/schemas/Error'}},
+                 'text/html': {'schema': {'type': 'string'}},
+                 'application/xml': {'schema': {'type': 'string'}}}
+HTML = {'text/html': {'schema': {'type': 'string'}}}
+SCHEMAS = {
+    'Error': {'type': 'object', 'required': ['status', 'description', 'vesta'], 'properties': {
+        'status': {'type': 'integer'}, 'description': {'type': 'string'},
+        'vesta': {'type': 'object', 'required': ['code', 'message'], 'properties': {
+            'code': {'type': 'integer', 'description': 'SPEC section 6'}, 'message': {'type': 'string'}}}}},
+    'Accepted': {'type': 'object', 'required': ['uuid'], 'properties': {'uuid': {'type': 'string', 'format': 'uuid'}}},
+    'Job': {'type': 'object', 'required': ['uuid', 'status', 'result'], 'properties': {
+        'uuid': {'type': 'string', 'format': 'uuid'},
+        'status': {'type': 'string', 'enum': ['PENDING', 'RECEIVED', 'STARTED', 'PROGRESS', 'STORING', 'SUCCESS',
+                                              'FAILURE', 'RETRY', 'REVOKED', 'EXPIRED']},
+        'result': {'description': 'null, the annotations (SUCCESS), progress (PROGRESS, STORING) or '
+                                  '{"code", "message"} (FAILURE, RETRY, REVOKED)'}}},
+    'Fields': {'type': 'object', 'additionalProperties': True, 'properties': {
+        'doc_url': {'type': 'string', 'format': 'uri'}, 'ann_doc_id': {'type': 'string'},
+        'callback_url': {'type': 'string', 'format': 'uri'}, 'storage_doc_id': {'type': 'string'}}},
+    'Info': {'type': 'object', 'required': list(CANARIE_FIELDS), 'properties': {
+        **{key: {'type': 'string'} for key in CANARIE_FIELDS}, 'tags': {'type': 'array', 'items': {'type': 'string'}},
+        'activeWorkers': {'type': 'integer', 'description': 'services only'}}},
+    'Stats': {'type': 'object', 'required': ['invocations', 'lastReset'], 'properties': {
+        'invocations': {'type': 'integer'}, 'lastReset': {'type': 'string', 'format': 'date-time'}}},
+}
+
+
+def json_content(schema):
+    return {'application/json': {'schema': {'$ref': f'#/components/schemas/{schema}'}}}
+
+
+def errors(*statuses):
+    return {str(status): {'description': bottle.HTTP_CODES[status], 'content': ERROR_CONTENT} for status in statuses}
+
+
+def query_parameter(name, description, required=False, **schema):
+    return {'name': name, 'in': 'query', 'required': required, 'description': description,
+            'schema': {'type': 'string', **schema}}
+
+
+def described(summary, responses, query=(), body=None, secured=False, head=False):
+    """Attach a route's OpenAPI operation to it: ``query`` its query parameters, ``body`` its
+    request body, ``head`` adds HEAD (which bottle answers for a GET route)."""
+
+    def attach(route):
+        route.openapi = {'summary': summary, 'responses': responses, 'head': head, 'secured': secured,
+                         'query': list(query), 'body': body}
+        return route
+
+    return attach
+
+
+def openapi_document():
+    """The OpenAPI 3.1 description of every route, assembled from the routes."""
+    paths = {}
+    for route in app.routes:
+        operation = getattr(route.callback, 'openapi', None)
+        if operation is None:
+            raise RuntimeError(f'route {route.method} {route.rule} has no OpenAPI description')
+        path = re.sub(r'<(\w+)(?::[^>]*)?>', r'{\1}', route.rule)
+        parameters = [{'name': name, 'in': 'path', 'required': True, 'schema': {'type': 'string', **(
+                           {'enum': choices.split('|')} if choices else
+                           {'enum': list(settings.services)} if name == 'service_name' else {})}}
+                      for name, choices in re.findall(r'<(\w+)(?::re:([\w|]+))?>', route.rule)]
+        entry = {'summary': operation['summary'],
+                 'operationId': route.method.lower() + re.sub(r'\W+', '_', path).rstrip('_'),
+                 'parameters': parameters + operation['query'], 'responses': operation['responses']}
+        if operation['body']:
+            entry['requestBody'] = operation['body']
+        if operation['secured']:
+            entry['security'] = [{'jwt': []}]
+        paths.setdefault(path, {})[route.method.lower()] = entry
+        if operation['head']:
+            paths[path]['head'] = dict(entry, operationId=entry['operationId'] + '_head', responses={
+                code: {'description': answer['description']} for code, answer in entry['responses'].items()})
+    return {
+        'openapi': '3.1.0',
+        'info': {'title': settings.info.get('name', 'Service Gateway'), 'version': settings.info.get('version', '0'),
+                 'description': settings.info.get('synopsis', '')},
+        'paths': paths,
+        'components': {'schemas': SCHEMAS, 'securitySchemes': {'jwt': {
+            'type': 'http', 'scheme': 'bearer', 'bearerFormat': 'JWT',
+            'description': 'Authorization: Bearer <token>, or the bare token'}}},
+    }
+
+
 # Routes -----------------------------------------------------------------------------------
 
 app = bottle.Bottle()
 app.install(translate_errors)
 app.default_error_handler = render_error
+bottle.TEMPLATE_PATH.insert(0, str(HERE / 'views'))
+
+SUBMITTED = {'202': {'description': 'Queued; Location is the status URL', 'content': json_content('Accepted'),
+                     'headers': {'Location': {'schema': {'type': 'string'}}},
+                     'links': {name: {'operationId': operation, 'parameters': {
+                         'service_name': '$request.path.service_name', 'uuid': '$response.body#/uuid'}}
+                         for name, operation in (('status', 'get_service_name_status'),
+                                                 ('cancel', 'post_service_name_cancel'))}},
+             **errors(400, 401, 404, 413, 500, 503)}
+JOB_STATE = {'200': {'description': 'The job\'s state (SPEC section 5)', 'content': {
+    **json_content('Job'), 'application/xml': {'schema': {'type': 'string'}}}}}
+RESERVED_QUERY = (query_parameter('doc_url', 'the document, an http(s) URL', format='uri'),
+                  query_parameter('ann_doc_id', 'post the annotations to [storage] post_annotations_url'),
+                  query_parameter('callback_url', 'POSTed {"uuid", "status"} when the job ends', format='uri'))
+UUID_QUERY = [query_parameter('uuid', 'as the submission answered', required=True, format='uuid')]
 
 
 @app.post('/<service_name>/annotate')
 @app.post('/<service_name>/annotate/<storage_doc_id>')
+@described('Submit a document by form or query fields; other fields reach the service as misc', SUBMITTED,
+           query=RESERVED_QUERY, secured=True, body={'content': {
+               'application/x-www-form-urlencoded': {'schema': {'$ref': '#/components/schemas/Fields'}}}})
 def annotate(service_name, storage_doc_id=None):
-    """Submit a document by form or query fields; other fields reach the service as ``misc``."""
     service = service_named(service_name)
     require_token()
     return accept_job(service, *annotate_request(storage_doc_id))
@@ -496,14 +611,17 @@ def annotate(service_name, storage_doc_id=None):
 
 @app.post('/<service_name>/process')
 @app.post('/<service_name>/process/<storage_doc_id>')
+@described('Submit a JSON object, passed whole to the service as misc', SUBMITTED, query=RESERVED_QUERY,
+           secured=True, body={'content': {'application/json': {'schema': {'$ref': '#/components/schemas/Fields'}}}})
 def process(service_name, storage_doc_id=None):
-    """Submit a JSON body, passed whole to the service as ``misc``."""
     service = service_named(service_name)
     require_token()
     return accept_job(service, *process_request(storage_doc_id))
 
 
 @app.get('/<service_name>/status')
+@described('The state of a job', {**JOB_STATE, **errors(400, 404, 500, 503)},
+           query=UUID_QUERY)
 def status(service_name):
     service = service_named(service_name)
     uuid = requested_uuid(service)
@@ -511,6 +629,8 @@ def status(service_name):
 
 
 @app.route('/<service_name>/cancel', method=['GET', 'POST'])
+@described('Cancel a job, then answer its state', {**JOB_STATE, **errors(400, 401, 404, 500, 503)},
+           query=UUID_QUERY, secured=True)
 def cancel(service_name):
     service = service_named(service_name)
     require_token()
@@ -519,6 +639,169 @@ def cancel(service_name):
     if job is not None:
         revoke(service, job)
     return job_response(job_state(service, uuid, job))
+
+
+# CANARIE pages ----------------------------------------------------------------------------
+
+CANARIE_PAGE = '<page:re:info|stats|doc|releasenotes|support|source|tryme|licence|provenance>'
+
+
+def canarie_page(service, page):
+    """A CANARIE API page (SPEC section 7) of the gateway (``service`` None) or of a service."""
+    if page in ('info', 'stats'):
+        document = info_document(service) if page == 'info' else stats_document(service)
+        if preferred_type('text/html', 'application/json') == 'application/json':
+            response.content_type = 'application/json; charset=utf-8'
+            return json.dumps(document)
+        title = f'{(service.info if service else settings.info).get("name", "Service Gateway")}: {page}'
+        return bottle.template('canarie', title=title, document=document)
+    setting = (service.pages if service else settings.pages).get(page)
+    if setting is None:
+        if page == 'source':
+            return bottle.HTTPResponse(status=204)
+        raise GatewayError(202, f'no {page} page is configured')
+    if setting.kind == 'redirect':
+        bottle.redirect(setting.value)
+    if setting.kind == 'text':
+        response.status = setting.status
+        response.content_type = 'text/plain; charset=utf-8'
+        return setting.value
+    return bottle.template('page', title=page, body=markdown_page(setting.value))
+
+
+@functools.cache
+def markdown_page(path):
+    """A page file rendered to HTML: Markdown (``.md``) is converted, anything else is taken as HTML."""
+    text = Path(path).read_text(encoding='utf-8')
+    return markdown.markdown(text, extensions=['tables', 'fenced_code']) if path.endswith('.md') else text
+
+
+def info_document(service):
+    """CANARIE info: exactly its fields, and a service's live workers."""
+    info = service.info if service else settings.info
+    document = {key: info.get(key, '') for key in CANARIE_FIELDS}
+    document['tags'] = info.get('tags', [])
+    if service:
+        document['activeWorkers'] = service_figures()[service.name]['workers']
+    return document
+
+
+def stats_document(service):
+    counts, since = invocations(redis_db)
+    total = counts.get(service.name, 0) if service else sum(counts.get(name, 0) for name in settings.services)
+    return {'invocations': total, 'lastReset': since}
+
+
+CANARIE_ANSWERS = {
+    '200': {'description': 'info and stats: JSON when asked for, else HTML; the others: a page or a text',
+            'content': {'application/json': {'schema': {'oneOf': [{'$ref': '#/components/schemas/Info'},
+                                                                   {'$ref': '#/components/schemas/Stats'}]}},
+                        'text/html': {'schema': {'type': 'string'}}, 'text/plain': {'schema': {'type': 'string'}}}},
+    '204': {'description': 'source: none configured'},
+    '303': {'description': 'the page is elsewhere (Location)'},
+    **errors(503),
+    '404': {'description': 'unknown service or page, or a page configured as a text with that status',
+            'content': {**ERROR_CONTENT, 'text/plain': {'schema': {'type': 'string'}}}}}
+
+
+@app.get(f'/{CANARIE_PAGE}')
+@described('CANARIE API of the gateway', CANARIE_ANSWERS, head=True)
+def platform_page(page):
+    return canarie_page(None, page)
+
+
+@app.get(f'/<service_name>/{CANARIE_PAGE}')
+@app.get(f'/<service_name>/service/{CANARIE_PAGE}')
+@described('CANARIE API of a service', CANARIE_ANSWERS, head=True)
+def service_page(service_name, page):
+    return canarie_page(service_named(service_name), page)
+
+
+# Monitoring -------------------------------------------------------------------------------
+
+def service_figures():
+    """Per service, read at once: jobs queued, running, failed and finished (RQ's queue and
+    registries), live and busy workers, and submissions since lastReset."""
+    with redis_db.pipeline(transaction=False) as pipe:
+        for queue in queues.values():
+            pipe.llen(queue.key)
+            for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry):
+                pipe.zcard(registry.key)
+            pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
+        counts = iter(pipe.execute())
+    figures = {name: dict(zip(('queued', 'running', 'failed', 'finished', 'worker_keys'), [next(counts)
+                                                                                          for _ in range(5)]))
+               for name in queues}
+    submitted, _ = invocations(redis_db)
+    for name, figure in figures.items():
+        figure['workers'], figure['busy'] = live_workers(figure.pop('worker_keys'))
+        figure['invocations'] = submitted.get(name, 0)
+    return figures
+
+
+def live_workers(keys):
+    """How many of these RQ workers are live (last heartbeat under worker_ttl old) and busy."""
+    with redis_db.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hmget(key, 'last_heartbeat', 'state')
+        records = pipe.execute()
+    oldest = datetime.now(timezone.utc) - timedelta(seconds=settings.worker_ttl)
+    live = [state for heartbeat, state in records
+            if heartbeat and datetime.strptime(heartbeat.decode(), '%Y-%m-%dT%H:%M:%S.%fZ').replace(
+                tzinfo=timezone.utc) > oldest]
+    return len(live), sum(state == b'busy' for state in live)
+
+
+class Figures:
+    """Prometheus collector: the figures of ``service_figures`` and job durations, read at scrape time."""
+
+    def collect(self):
+        figures = service_figures()
+        jobs = GaugeMetricFamily('gateway_jobs', 'Jobs per service and state, as RQ holds them',
+                                 labels=['service', 'state'])
+        workers = GaugeMetricFamily('gateway_workers', 'Live workers per service', labels=['service'])
+        busy = GaugeMetricFamily('gateway_workers_busy', 'Live workers running a job', labels=['service'])
+        submissions = CounterMetricFamily('gateway_submissions', 'Submissions since lastReset', labels=['service'])
+        durations = HistogramMetricFamily('gateway_job_duration_seconds', 'How long finished jobs ran',
+                                          labels=['service'])
+        for name, figure in figures.items():
+            for state in ('queued', 'running', 'failed', 'finished'):
+                jobs.add_metric([name, state], figure[state])
+            workers.add_metric([name], figure['workers'])
+            busy.add_metric([name], figure['busy'])
+            submissions.add_metric([name], figure['invocations'])
+            buckets, total = duration_histogram(redis_db, name)
+            durations.add_metric([name], buckets, total)
+        yield from (jobs, workers, busy, submissions, durations)
+
+
+metrics_registry = CollectorRegistry()
+metrics_registry.register(Figures())
+
+
+@app.get('/')
+@described('Home page: the services, their figures and their CANARIE pages', {
+    '200': {'description': 'HTML', 'content': HTML}, **errors(503)})
+def home():
+    figures = service_figures()
+    return bottle.template('home', platform=settings.info, services=settings.services, figures=figures,
+                           pages=CANARIE_PAGES, now=utc_text(datetime.now(timezone.utc)))
+
+
+@app.get('/metrics')
+@described('Prometheus metrics', {'200': {'description': 'Prometheus text format', 'content': {
+    'text/plain': {'schema': {'type': 'string'}}}}, **errors(503)})
+def metrics():
+    response.content_type = CONTENT_TYPE_LATEST
+    return generate_latest(metrics_registry)
+
+
+@app.get('/openapi.json')
+@described('This description', {'200': {'description': 'OpenAPI 3.1', 'content': {
+    'application/json': {'schema': {'type': 'object'}}}}})
+def openapi():
+    response.content_type = 'application/json'
+    return json.dumps(openapi_document())
 
 
 # Main -------------------------------------------------------------------------------------
@@ -596,6 +879,12 @@ def embedded_settings(directory, storage_base):
     for key, value in loopback.items():
         if not parser.get('storage', key, fallback='').strip():
             parser.set('storage', key, value)
+    # Page files are named relative to the settings file, which this copy is not beside.
+    for section, pages in [('gateway', settings.pages), *((f'service:{name}', service.pages)
+                                                          for name, service in settings.services.items())]:
+        for key, page in pages.items():
+            if page.kind == 'file' and parser.has_option(section, key):
+                parser.set(section, key, page.value)
     path = Path(directory, 'settings.ini')
     with open(path, 'w', encoding='utf-8') as file:
         parser.write(file)

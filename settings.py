@@ -14,6 +14,7 @@ import configparser
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -30,6 +31,15 @@ CANARIE_PAGES = ('doc', 'releasenotes', 'support', 'source', 'tryme', 'licence',
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names its section and key."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """A CANARIE page setting: a URL to redirect to, a file to render, or a text and status."""
+
+    kind: str  # 'redirect', 'file' or 'text'
+    value: str
+    status: int = 200
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Settings:
     uuid_ttl: int
     max_content_length: int
     redis_timeout: float
+    worker_ttl: int
     trusted_proxy: str
     url_prefix: str
     jwt_secret: str | None
@@ -134,15 +145,33 @@ class _Section:
             self.fail(key, f'must contain {{{placeholder}}}')
         return value
 
-    def canarie(self):
-        """The CANARIE info fields and page settings present in this section."""
-        info = {key: self.values[key.lower()].strip() for key in CANARIE_FIELDS if key.lower() in self.values}
-        pages = {key: self.values[key].strip() for key in CANARIE_PAGES if key in self.values}
-        return info, pages
+    def canarie(self, base):
+        """The CANARIE info fields and pages set in this section (paths relative to ``base``)."""
+        info = {key: self.values[key.lower()].strip() for key in CANARIE_FIELDS if self.values.get(key.lower())}
+        if 'releaseTime' in info:
+            try:
+                datetime.strptime(info['releaseTime'], '%Y-%m-%dT%H:%M:%SZ')
+            except ValueError:
+                self.fail('releaseTime', f'{info["releaseTime"]!r} is not YYYY-MM-DDThh:mm:ssZ (UTC)')
+        if 'tags' in info:
+            info['tags'] = [tag.strip() for tag in info['tags'].split(',') if tag.strip()]
+        return info, {key: self.page(key, base) for key in CANARIE_PAGES if self.values.get(key, '').strip()}
+
+    def page(self, key, base):
+        value = self.values[key].strip()
+        if re.match(r'^https?://', value):
+            return Page('redirect', value)
+        text, _, status = value.rpartition(',')
+        if re.fullmatch(r'\s*[1-5]\d\d\s*', status) and text:
+            return Page('text', text.strip(), int(status))
+        path = Path(base, value)
+        if not path.is_file():
+            self.fail(key, f'{value!r} is no URL, no "text,status" and no file ({path} not found)')
+        return Page('file', str(path.resolve()))
 
 
 GATEWAY_KEYS = CANARIE_FIELDS + CANARIE_PAGES + (
-    'redis_url', 'result_ttl', 'uuid_ttl', 'max_content_length', 'redis_timeout', 'trusted_proxy', 'url_prefix', 'port')
+    'redis_url', 'result_ttl', 'uuid_ttl', 'max_content_length', 'redis_timeout', 'worker_ttl', 'trusted_proxy', 'url_prefix', 'port')
 SECURITY_KEYS = ('jwt_audience', 'jwt_algorithm', 'jwt_ttl', 'bypass')
 STORAGE_KEYS = ('get_storage_doc_url', 'post_annotations_url', 'timeout', 'retries', 'callback_retries')
 SERVICE_KEYS = CANARIE_FIELDS + CANARIE_PAGES + (
@@ -163,7 +192,7 @@ def load_settings(path=None, environ=os.environ):
     gateway = _Section(parser, 'gateway', GATEWAY_KEYS)
     security = _Section(parser, 'security', SECURITY_KEYS)
     storage = _Section(parser, 'storage', STORAGE_KEYS)
-    info, pages = gateway.canarie()
+    info, pages = gateway.canarie(path.parent)
 
     result_ttl = gateway.integer('result_ttl', 86400, minimum=1)
     uuid_ttl = gateway.integer('uuid_ttl', 7 * 86400, minimum=1)
@@ -188,7 +217,7 @@ def load_settings(path=None, environ=os.environ):
         if kind != 'service' or not SERVICE_NAME.match(name):
             raise SettingsError(f'[{section}]: unknown section (expected [service:NAME], NAME of letters, '
                                 'digits, - and _)')
-        services[name] = _service(_Section(parser, section, SERVICE_KEYS), name)
+        services[name] = _service(_Section(parser, section, SERVICE_KEYS), name, info, pages, path.parent)
     if not services:
         raise SettingsError(f'{path}: no [service:NAME] section')
 
@@ -200,6 +229,7 @@ def load_settings(path=None, environ=os.environ):
         uuid_ttl=uuid_ttl,
         max_content_length=gateway.integer('max_content_length', 2**20, minimum=1),
         redis_timeout=gateway.number('redis_timeout', 0.5),
+        worker_ttl=gateway.integer('worker_ttl', 420, minimum=20),
         trusted_proxy=gateway.text('trusted_proxy', ''),
         url_prefix=gateway.text('url_prefix', ''),
         jwt_secret=secret,
@@ -218,8 +248,9 @@ def load_settings(path=None, environ=os.environ):
     )
 
 
-def _service(section, name):
-    info, pages = section.canarie()
+def _service(section, name, gateway_info, gateway_pages, base):
+    """A service's settings; CANARIE fields and pages it does not set are the gateway's."""
+    info, pages = section.canarie(base)
     min_workers = section.integer('min_workers', 0)
     max_workers = section.integer('max_workers', 10, minimum=1)
     if max_workers < min_workers:
@@ -237,15 +268,9 @@ def _service(section, name):
         download_timeout=section.integer('download_timeout', 300, minimum=1),
         min_workers=min_workers,
         max_workers=max_workers,
-        info=info,
-        pages=pages,
+        info={**gateway_info, 'name': name, **info, 'version': section.text('version')},
+        pages={**gateway_pages, **pages},
     )
-
-
-def uuid_key(uuid):
-    """Redis key recording which service issued a uuid; it outlives the job, so that the
-    gateway can tell an expired job (EXPIRED) from a uuid it never issued (404)."""
-    return f'gateway:uuid:{uuid}'
 
 
 def gateway_redis(settings):

@@ -44,7 +44,8 @@ from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 from urllib3.util.retry import Retry as HTTPRetry
 
-from settings import SettingsError, load_settings, uuid_key, worker_redis
+from records import record_duration, uuid_key
+from settings import SettingsError, load_settings, worker_redis
 
 log = logging.getLogger('worker')
 
@@ -310,8 +311,16 @@ class GatewayWorker(Worker):
             self.job_ended(job, status)
 
     def job_ended(self, job, status):
-        # The uuid record must outlive the job's result, which expires result_ttl from now.
-        self.connection.expire(uuid_key(job.id), current_settings().uuid_ttl)
+        """Record a submission's end (its duration, its uuid record's expiry), then call back."""
+        service = job.meta.get('service')
+        if service is None:  # not a submission: a callback sent for a job cancelled in its queue
+            return
+        with self.connection.pipeline() as pipe:
+            # The uuid record must outlive the job's result, which expires result_ttl from now.
+            pipe.expire(uuid_key(job.id), current_settings().uuid_ttl)
+            if status != 'REVOKED' and job.started_at and job.ended_at:
+                record_duration(pipe, service, (job.ended_at - job.started_at).total_seconds())
+            pipe.execute()
         if job.meta.get('callback_url'):
             send_callback(job.meta['callback_url'], job.id, status)
 
@@ -352,7 +361,10 @@ def main(argv=None):
     worker_class = EmbeddedRedisWorker if os.environ.get('GATEWAY_EMBEDDED_REDIS') else GatewayWorker
     connection = worker_redis(settings)
     queues = list(dict.fromkeys(service.queue for service in services))  # in the order given
-    worker = worker_class(queues, connection=connection)
+    # Heartbeats every worker_ttl - 15 s when idle, every worker_ttl / 2 s at most when busy, so
+    # that the gateway counts a worker as live while its last heartbeat is under worker_ttl old.
+    worker = worker_class(queues, connection=connection, worker_ttl=settings.worker_ttl,
+                          job_monitoring_interval=min(30, settings.worker_ttl // 2))
     worker.work(with_scheduler=True, logging_level=os.environ.get('LOG_LEVEL', 'INFO'))
 
 

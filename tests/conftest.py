@@ -147,6 +147,22 @@ def redis_db(redis_server):
     return client
 
 
+@pytest.fixture
+def stopped_redis(redis_server, redis_db):
+    """Redis stopped for the test, started again after it."""
+    redis_server.stop()
+    yield redis_server
+    redis_server.start()
+
+
+@pytest.fixture
+def hung_redis(redis_server, redis_db):
+    """Redis frozen for the test (it accepts connections, answers nothing), thawed after it."""
+    redis_server.pause()
+    yield redis_server
+    redis_server.resume()
+
+
 # The outside world on loopback ---------------------------------------------------------------
 
 class Web:
@@ -294,6 +310,9 @@ function = tests.example_services.paced_annotate
 [service:echo]
 version = 1.0.0
 function = tests.example_services.echo
+name = Echo
+synopsis = Returns what it received
+doc = echo-doc.md
 [service:crash]
 version = 1.0.0
 function = tests.example_services.crash
@@ -343,12 +362,28 @@ def write_settings(path, web, annotator_version='1.0.0', storage=True):
     storage_urls = f"""
 get_storage_doc_url = {web.url('/docs/{storage_doc_id}')}
 post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?storageType=2""" if storage else ''
+    path.with_name('echo-doc.md').write_text('# Echo\n\nReturns what it **received**.\n')
     path.write_text(f"""
 [gateway]
 name = Service Gateway under test
+synopsis = The gateway of the tests
+version = 9.9.9
+institution = Test institute
+releaseTime = 2026-01-02T03:04:05Z
+researchSubject = Testing
+supportEmail = tests@example.org
+category = Testing
+tags = one, two words
 result_ttl = 600
 uuid_ttl = 1200
 max_content_length = 4096
+worker_ttl = 20
+doc = https://example.org/gateway-doc
+support = Write to tests@example.org,200
+tryme = Not here,404
+releasenotes = Nothing new,200
+licence = echo-doc.md
+provenance = https://example.org/provenance
 [security]
 jwt_audience = {AUDIENCE}
 jwt_algorithm = HS256
@@ -460,7 +495,7 @@ def start_worker(settings_file, redis_server, redis_db):
 
     def start(*services, settings=settings_file):
         before = {worker.name for worker in Worker.all(connection=redis_db)}
-        process = subprocess.Popen([sys.executable, 'worker.py', *services], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, 'worker.py', *services], cwd=ROOT, start_new_session=True,
                                    env=process_env(settings, redis_server, LOG_LEVEL='WARNING'))
         processes.append(process)
         new = wait_until(lambda: [worker for worker in Worker.all(connection=redis_db) if worker.name not in before]
@@ -482,6 +517,10 @@ def stop_worker(process):
     except subprocess.TimeoutExpired:
         process.terminate()
         process.wait(timeout=10)
+    try:  # RQ's scheduler process, orphaned when a test killed its worker outright
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_idle(redis_db, worker):

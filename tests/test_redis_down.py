@@ -5,20 +5,6 @@ import time
 import pytest
 
 
-@pytest.fixture
-def stopped_redis(redis_server, redis_db):
-    redis_server.stop()
-    yield redis_server
-    redis_server.start()
-
-
-@pytest.fixture
-def hung_redis(redis_server, redis_db):
-    redis_server.pause()
-    yield redis_server
-    redis_server.resume()
-
-
 def timed(call):
     started = time.monotonic()
     answer = call()

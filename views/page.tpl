@@ -1,0 +1,4 @@
+% rebase('layout', title=title)
+<article class="card">
+{{!body}}
+</article>
