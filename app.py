@@ -30,7 +30,8 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
+from statistics import fmean
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,7 +52,8 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from records import duration_histogram, invocations, record_submission, utc_text, uuid_key
+from capacity import DURATION_HISTORY, live_workers, plan, read_loads
+from records import duration_histogram, invocations, recent_durations, record_submission, utc_text, uuid_key
 from settings import CANARIE_FIELDS, CANARIE_PAGES, SettingsError, gateway_redis, load_settings
 
 log = logging.getLogger('gateway')
@@ -282,14 +284,42 @@ def job_state(service, uuid, job):
     elif status == JobStatus.STARTED:  # its meta tells how far the worker got
         state = PHASES.get(meta.get('phase'), 'RECEIVED')
         worker = meta.get('worker')
-        result = (dict(current=meta['progress'], total=100, **worker) if state == 'PROGRESS'
+        result = (dict(current=meta['progress'], total=100, **worker,
+                       eta=progress_eta(worker['start_time'], meta['progress'])) if state == 'PROGRESS'
                   else worker if state == 'STORING' else None)
         if state == 'PROGRESS' and worker['worker_id_version'] != service.version:
             raise GatewayError(204, f'worker version {worker["worker_id_version"]!r} does not match service '
                                     f'version {service.version!r}')
     else:  # queued, or scheduled for a retry
-        state, result = ('RETRY', failure) if failure else ('PENDING', None)
+        state, result = ('RETRY', failure) if failure else ('PENDING', place_in_queue(service, job))
     return {'uuid': uuid, 'status': state, 'result': result}
+
+
+def place_in_queue(service, job):
+    """A waiting job's ``position`` (1 = next to be taken) and ``eta``, the seconds until it is
+    expected to start: the jobs ahead of it that idle workers cannot take at once, each
+    lasting the service's mean duration, shared among its live workers. None where a figure
+    is unknown (no live worker, no finished job yet, a job between queue and worker)."""
+    queue = queues[service.name]
+    with redis_db.pipeline(transaction=False) as pipe:
+        pipe.lpos(queue.key, job.id)
+        pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
+        index, worker_keys = pipe.execute()
+    position = None if index is None else index + 1
+    live, busy = live_workers(redis_db, worker_keys, settings.worker_ttl)
+    durations = recent_durations(redis_db, service.name, count=DURATION_HISTORY)
+    if position is None or not live or not durations:
+        return {'position': position, 'eta': None}
+    return {'position': position, 'eta': round(max(0, position - (live - busy)) * fmean(durations) / live, 1)}
+
+
+def progress_eta(start_time, current):
+    """Seconds until a job in PROGRESS completes, if it keeps the pace it had since it started;
+    None before any progress."""
+    if not current:
+        return None
+    started = datetime.strptime(start_time, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=timezone.utc)
+    return round((datetime.now(timezone.utc) - started).total_seconds() * (100 - current) / current, 1)
 
 
 def abandoned_failure(job):
@@ -682,7 +712,7 @@ def info_document(service):
     document = {key: info.get(key, '') for key in CANARIE_FIELDS}
     document['tags'] = info.get('tags', [])
     if service:
-        document['activeWorkers'] = service_figures()[service.name]['workers']
+        document['activeWorkers'] = read_loads(redis_db, settings, [service])[service.name].workers
     return document
 
 
@@ -719,44 +749,33 @@ def service_page(service_name, page):
 
 # Monitoring -------------------------------------------------------------------------------
 
-def service_figures():
-    """Per service, read at once: jobs queued, running, failed and finished (RQ's queue and
-    registries), live and busy workers, and submissions since lastReset."""
+JOB_COUNTS = ('queued', 'running', 'failed', 'finished')
+
+
+def service_figures(loads):
+    """Per service: the jobs queued and running and the live and busy workers of ``loads``
+    (as capacity.py read them), the jobs failed and finished (RQ's registries), and the
+    submissions since lastReset."""
     with redis_db.pipeline(transaction=False) as pipe:
-        for queue in queues.values():
-            pipe.llen(queue.key)
-            for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry):
-                pipe.zcard(registry.key)
-            pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
-        counts = iter(pipe.execute())
-    figures = {name: dict(zip(('queued', 'running', 'failed', 'finished', 'worker_keys'), [next(counts)
-                                                                                          for _ in range(5)]))
-               for name in queues}
+        for name in loads:
+            queue = queues[name]
+            pipe.zcard(queue.failed_job_registry.key)
+            pipe.zcard(queue.finished_job_registry.key)
+        counts = pipe.execute()
     submitted, _ = invocations(redis_db)
-    for name, figure in figures.items():
-        figure['workers'], figure['busy'] = live_workers(figure.pop('worker_keys'))
-        figure['invocations'] = submitted.get(name, 0)
-    return figures
-
-
-def live_workers(keys):
-    """How many of these RQ workers are live (last heartbeat under worker_ttl old) and busy."""
-    with redis_db.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hmget(key, 'last_heartbeat', 'state')
-        records = pipe.execute()
-    oldest = datetime.now(timezone.utc) - timedelta(seconds=settings.worker_ttl)
-    live = [state for heartbeat, state in records
-            if heartbeat and datetime.strptime(heartbeat.decode(), '%Y-%m-%dT%H:%M:%S.%fZ').replace(
-                tzinfo=timezone.utc) > oldest]
-    return len(live), sum(state == b'busy' for state in live)
+    return {name: {'queued': load.queued, 'running': load.running, 'failed': counts[2 * number],
+                   'finished': counts[2 * number + 1], 'workers': load.workers, 'busy': load.busy,
+                   'invocations': submitted.get(name, 0)}
+            for number, (name, load) in enumerate(loads.items())}
 
 
 class Figures:
-    """Prometheus collector: the figures of ``service_figures`` and job durations, read at scrape time."""
+    """Prometheus collector: the figures of ``service_figures``, job durations and the workers
+    each service needs, read at scrape time."""
 
     def collect(self):
-        figures = service_figures()
+        loads = read_loads(redis_db, settings)
+        figures = service_figures(loads)
         jobs = GaugeMetricFamily('gateway_jobs', 'Jobs per service and state, as RQ holds them',
                                  labels=['service', 'state'])
         workers = GaugeMetricFamily('gateway_workers', 'Live workers per service', labels=['service'])
@@ -764,15 +783,19 @@ class Figures:
         submissions = CounterMetricFamily('gateway_submissions', 'Submissions since lastReset', labels=['service'])
         durations = HistogramMetricFamily('gateway_job_duration_seconds', 'How long finished jobs ran',
                                           labels=['service'])
+        needed = GaugeMetricFamily('gateway_workers_needed', 'Workers each service needs (capacity.py)',
+                                   labels=['service'])
+        for name, count in plan(loads, settings.max_workers_total).items():
+            needed.add_metric([name], count)
         for name, figure in figures.items():
-            for state in ('queued', 'running', 'failed', 'finished'):
+            for state in JOB_COUNTS:
                 jobs.add_metric([name, state], figure[state])
             workers.add_metric([name], figure['workers'])
             busy.add_metric([name], figure['busy'])
             submissions.add_metric([name], figure['invocations'])
             buckets, total = duration_histogram(redis_db, name)
             durations.add_metric([name], buckets, total)
-        yield from (jobs, workers, busy, submissions, durations)
+        yield from (jobs, workers, busy, submissions, durations, needed)
 
 
 metrics_registry = CollectorRegistry()
@@ -783,7 +806,7 @@ metrics_registry.register(Figures())
 @described('Home page: the services, their figures and their CANARIE pages', {
     '200': {'description': 'HTML', 'content': HTML}, **errors(503)})
 def home():
-    figures = service_figures()
+    figures = service_figures(read_loads(redis_db, settings))
     return bottle.template('home', platform=settings.info, services=settings.services, figures=figures,
                            pages=CANARIE_PAGES, now=utc_text(datetime.now(timezone.utc)))
 

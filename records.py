@@ -56,12 +56,14 @@ def invocations(connection):
 
 
 def arrival_rate(connection, service, window_minutes=5, now=None):
-    """Submissions per second over the last ``window_minutes`` whole minutes; None before any."""
-    minute = int((now or time.time()) // 60)
-    counts = connection.mget([_arrivals_key(service, m) for m in range(minute - window_minutes, minute)])
+    """Submissions per second over the last ``window_minutes`` whole minutes and the current
+    one so far; None when there was none."""
+    now = now or time.time()
+    minute = int(now // 60)
+    counts = connection.mget([_arrivals_key(service, m) for m in range(minute - window_minutes, minute + 1)])
     if all(count is None for count in counts):
         return None
-    return sum(int(count or 0) for count in counts) / (window_minutes * 60)
+    return sum(int(count or 0) for count in counts) / (window_minutes * 60 + now - minute * 60)
 
 
 def _durations_key(service):
@@ -81,9 +83,9 @@ def record_duration(pipe, service, seconds):
     pipe.hincrbyfloat(_buckets_key(service), 'sum', seconds)
 
 
-def recent_durations(connection, service):
-    """Durations in seconds of the service's most recent jobs, newest first."""
-    return [float(value) for value in connection.lrange(_durations_key(service), 0, -1)]
+def recent_durations(connection, service, count=RECENT_DURATIONS_KEPT):
+    """Durations in seconds of the service's ``count`` most recent jobs, newest first."""
+    return [float(value) for value in connection.lrange(_durations_key(service), 0, count - 1)]
 
 
 def duration_histogram(connection, service):

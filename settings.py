@@ -58,6 +58,10 @@ class ServiceSettings:
     download_timeout: int = 300
     min_workers: int = 0
     max_workers: int = 10
+    target_wait: int = 300
+    expected_duration: int = 60
+    start_delay: int = 30
+    target_utilisation: float = 0.7
     info: dict = field(default_factory=dict)
     pages: dict = field(default_factory=dict)
 
@@ -74,6 +78,7 @@ class Settings:
     max_content_length: int
     redis_timeout: float
     worker_ttl: int
+    max_workers_total: int
     trusted_proxy: str
     url_prefix: str
     jwt_secret: str | None
@@ -133,6 +138,12 @@ class _Section:
             self.fail(key, 'must be positive')
         return value
 
+    def fraction(self, key, default):
+        value = self.number(key, default)
+        if value > 1:
+            self.fail(key, 'must be at most 1')
+        return value
+
     def boolean(self, key, default):
         raw = self.text(key, 'true' if default else 'false').lower()
         if raw not in configparser.ConfigParser.BOOLEAN_STATES:
@@ -171,12 +182,14 @@ class _Section:
 
 
 GATEWAY_KEYS = CANARIE_FIELDS + CANARIE_PAGES + (
-    'redis_url', 'result_ttl', 'uuid_ttl', 'max_content_length', 'redis_timeout', 'worker_ttl', 'trusted_proxy', 'url_prefix', 'port')
+    'redis_url', 'result_ttl', 'uuid_ttl', 'max_content_length', 'redis_timeout', 'worker_ttl', 'max_workers_total',
+    'trusted_proxy', 'url_prefix', 'port')
 SECURITY_KEYS = ('jwt_audience', 'jwt_algorithm', 'jwt_ttl', 'bypass')
 STORAGE_KEYS = ('get_storage_doc_url', 'post_annotations_url', 'timeout', 'retries', 'callback_retries')
 SERVICE_KEYS = CANARIE_FIELDS + CANARIE_PAGES + (
     'function', 'queue', 'timeout', 'retries', 'retry_interval', 'noparams', 'max_document_size',
-    'download_timeout', 'min_workers', 'max_workers')
+    'download_timeout', 'min_workers', 'max_workers', 'target_wait', 'expected_duration', 'start_delay',
+    'target_utilisation')
 
 
 def load_settings(path=None, environ=os.environ):
@@ -230,6 +243,7 @@ def load_settings(path=None, environ=os.environ):
         max_content_length=gateway.integer('max_content_length', 2**20, minimum=1),
         redis_timeout=gateway.number('redis_timeout', 0.5),
         worker_ttl=gateway.integer('worker_ttl', 420, minimum=20),
+        max_workers_total=gateway.integer('max_workers_total', 0),
         trusted_proxy=gateway.text('trusted_proxy', ''),
         url_prefix=gateway.text('url_prefix', ''),
         jwt_secret=secret,
@@ -268,6 +282,10 @@ def _service(section, name, gateway_info, gateway_pages, base):
         download_timeout=section.integer('download_timeout', 300, minimum=1),
         min_workers=min_workers,
         max_workers=max_workers,
+        target_wait=section.integer('target_wait', 300, minimum=1),
+        expected_duration=section.integer('expected_duration', 60, minimum=1),
+        start_delay=section.integer('start_delay', 30),
+        target_utilisation=section.fraction('target_utilisation', 0.7),
         info={**gateway_info, 'name': name, **info, 'version': section.text('version')},
         pages={**gateway_pages, **pages},
     )

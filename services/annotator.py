@@ -8,11 +8,16 @@ The file is read about one second at a time, so a long recording needs no more
 memory than a short one. Each window of ``window`` seconds is "sound" when its
 RMS level over all channels reaches ``threshold_db`` dBFS, else "silence";
 consecutive windows of one kind make one segment.
+
+The RIFF/WAVE header is read here rather than by the ``wave`` module: Python 3.11's
+``wave`` refuses the WAVE_FORMAT_EXTENSIBLE header that many tools (SoX, ffmpeg, DAWs)
+write for 24-bit samples or more than two channels, even when the samples are plain PCM.
 """
 
 import math
+import os
+import struct
 import uuid
-import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +27,13 @@ from worker import UnsupportedDocument
 WINDOW = 0.05  # seconds
 THRESHOLD_DB = -40.0  # dBFS
 FLOOR_DB = -120.0  # level reported for digital silence, and the lowest level reported
+
+PCM, EXTENSIBLE = 0x0001, 0xFFFE  # the format tags read
+# KSDATAFORMAT_SUBTYPE_PCM: the SubFormat of an extensible header whose samples are integer PCM.
+PCM_SUBFORMAT = uuid.UUID('00000001-0000-0010-8000-00aa00389b71')
+_SUBFORMAT_NAMES = {uuid.UUID('00000003-0000-0010-8000-00aa00389b71'): ' (IEEE floating point)'}
+# The data size a writer that cannot seek back leaves in the header: ffmpeg writing to a pipe.
+UNKNOWN_SIZE = 0xFFFFFFFF
 
 
 @dataclass
@@ -57,19 +69,8 @@ def analyse(path, window=WINDOW, threshold_db=THRESHOLD_DB, on_progress=lambda p
     ``on_progress`` receives the percentage of frames read, an int from 0 to 100, each time it
     changes. A file that is not a readable PCM WAV file raises UnsupportedDocument.
     """
-    try:
-        wav = wave.open(path, 'rb')
-    except (wave.Error, EOFError) as error:
-        reason = str(error) or 'the file ends too early'
-        raise UnsupportedDocument(f'not a PCM WAV file: {reason}') from None
-    with wav:
-        rate, channels, width, total = (wav.getframerate(), wav.getnchannels(),
-                                        wav.getsampwidth(), wav.getnframes())
-        if width not in _DECODERS:
-            raise UnsupportedDocument(f'unsupported WAV file: {8 * width}-bit samples,'
-                                      ' only 8, 16, 24 and 32-bit PCM are read')
-        if not rate:
-            raise UnsupportedDocument('unsupported WAV file: its sample rate is 0')
+    with open(path, 'rb') as file:
+        rate, channels, width, total = _read_header(file)
         window_frames = max(1, round(window * rate))
         # Whole windows per block, so that no window straddles two blocks.
         block_frames = window_frames * max(1, rate // window_frames)
@@ -81,7 +82,7 @@ def analyse(path, window=WINDOW, threshold_db=THRESHOLD_DB, on_progress=lambda p
         on_progress(0)
         while read < total:
             wanted = min(block_frames, total - read)
-            data = wav.readframes(wanted)
+            data = file.read(wanted * channels * width)
             if len(data) < wanted * channels * width:
                 held = read + len(data) // (channels * width)
                 raise UnsupportedDocument(
@@ -109,6 +110,83 @@ def analyse(path, window=WINDOW, threshold_db=THRESHOLD_DB, on_progress=lambda p
                     'level': _level(segment.energy / ((segment.end - segment.start) * channels),
                                     full_scale)}
                    for segment in segments]
+
+
+def _read_header(file):
+    """Read the RIFF/WAVE header of ``file``, open in binary, and leave it at the first frame.
+
+    Return the sample rate, the channels, the sample width in bytes and the number of frames
+    the header announces (the file may hold fewer: the caller finds out as it reads). A header
+    that is not one of integer PCM samples in whole bytes raises UnsupportedDocument.
+    """
+    riff = file.read(12)
+    if riff[:4] != b'RIFF':
+        raise _not_pcm('file does not start with RIFF id')
+    if riff[8:] != b'WAVE':
+        raise _not_pcm('not a WAVE file')
+    file_size = os.fstat(file.fileno()).st_size
+    fmt = None
+    # The chunks that matter are fmt and data; skip others (LIST, fact, bext, ...). The walk
+    # stops at data, whose size may be unknown, so fmt must come first, as RIFF requires.
+    while True:
+        header = file.read(8)
+        if len(header) < 8:
+            raise _not_pcm('the file ends too early' if header else
+                           'no data chunk' if fmt else 'no fmt chunk and no data chunk')
+        name, size = header[:4], struct.unpack('<L', header[4:])[0]
+        start = file.tell()
+        if name == b'data':
+            break
+        if start + size > file_size:
+            raise _not_pcm('the file ends too early')
+        if name == b'fmt ':
+            fmt = file.read(min(size, 40))  # all an extensible fmt holds; more is not read
+        file.seek(start + size + size % 2)  # chunks are word-aligned: an odd one has a pad byte
+    if fmt is None:
+        raise _not_pcm('no fmt chunk before the data chunk')
+    if len(fmt) < 16:
+        raise _not_pcm('its fmt chunk is too short')
+    tag, channels, rate, _, block_align, bits = struct.unpack_from('<HHLLHH', fmt)
+    if tag == EXTENSIBLE:
+        if len(fmt) < 40 or struct.unpack_from('<H', fmt, 16)[0] < 22:
+            raise _not_pcm('its WAVE_FORMAT_EXTENSIBLE fmt chunk is too short')
+        valid_bits = struct.unpack_from('<H', fmt, 18)[0]
+        subformat = uuid.UUID(bytes_le=fmt[24:40])
+        if subformat != PCM_SUBFORMAT:
+            raise _not_pcm(f'WAVE_FORMAT_EXTENSIBLE of sub-format {subformat}'
+                           f'{_SUBFORMAT_NAMES.get(subformat, "")}, only PCM is read')
+        if valid_bits != bits:
+            # Read at full width, such samples would be right only if the writer zeroed the
+            # spare low bits: refuse rather than measure bits the file says are not audio.
+            raise UnsupportedDocument(f'unsupported WAV file: {valid_bits}-bit samples in'
+                                      f' {bits}-bit containers, only samples that fill their'
+                                      ' container are read')
+    elif tag != PCM:
+        raise _not_pcm(f'unknown format: {tag}')
+    width = (bits + 7) // 8  # as the wave module did for plain PCM of, say, 12 bits
+    if not channels:
+        raise _not_pcm('it has 0 channels')
+    if width not in _DECODERS:
+        raise UnsupportedDocument(f'unsupported WAV file: {8 * width}-bit samples,'
+                                  ' only 8, 16, 24 and 32-bit PCM are read')
+    if not rate:
+        raise UnsupportedDocument('unsupported WAV file: its sample rate is 0')
+    if block_align != channels * width:
+        raise _not_pcm(f'its block align is {block_align} bytes, not {channels} channels'
+                       f' of {width} bytes')
+    if size == UNKNOWN_SIZE:
+        # A writer streaming through a pipe cannot seek back to write the sizes once it knows
+        # them, and leaves this placeholder (ffmpeg does): the data runs to the end of the
+        # file, and a partial frame there is left out. Any other size that overruns the file
+        # is taken at its word, and the file reported truncated as it is read: a download cut
+        # short looks just the same, and its analysis would silently miss the end.
+        size = file_size - file.tell()
+    return rate, channels, width, size // block_align
+
+
+def _not_pcm(reason):
+    """The error for a file that is not a readable PCM WAV file, saying why."""
+    return UnsupportedDocument(f'not a PCM WAV file: {reason}')
 
 
 def _extend(segments, sound, start, end, energy):

@@ -48,7 +48,7 @@ def wait_for_release(request):
 
 def download_then_sleep(request):
     """Download the document, report progress, then run until cancelled (a minute at most)."""
-    request.document
+    assert request.document  # downloads it
     return sleep_until_cancelled(request)
 
 

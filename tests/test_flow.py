@@ -39,7 +39,8 @@ def test_submission_answers_202_with_uuid_and_status_location(gateway, web, star
 
 def test_new_job_is_pending_until_a_worker_takes_it(gateway, web, redis_db):
     uuid = gateway.submitted('echo', doc_url=web.url('/docs/x.wav'))
-    assert gateway.state('echo', uuid) == {'uuid': uuid, 'status': 'PENDING', 'result': None}
+    assert gateway.state('echo', uuid) == {'uuid': uuid, 'status': 'PENDING',
+                                           'result': {'position': 1, 'eta': None}}
 
 
 def test_seed_flow_goes_pending_progress_success(annotated):

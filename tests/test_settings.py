@@ -102,7 +102,8 @@ def test_worker_whose_function_cannot_be_imported_stops_with_one_line(tmp_path):
     done = run(tmp_path, [sys.executable, 'worker.py', 'annotator'], MINIMAL.replace('annotator.annotate', 'nope.f'),
                REDIS_URL='redis://127.0.0.1:9')
     assert done.returncode != 0
-    assert done.stderr.strip().startswith("settings error: [service:annotator] function: cannot import 'services.nope.f'")
+    assert done.stderr.strip().startswith(
+        "settings error: [service:annotator] function: cannot import 'services.nope.f'")
 
 
 def test_token_command_prints_a_token_the_gateway_accepts(tmp_path):
