@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from statistics import fmean
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,10 +49,9 @@ from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from capacity import DURATION_HISTORY, live_workers, plan, read_loads
-from records import duration_histogram, invocations, recent_durations, record_submission, utc_text, uuid_key
+from capacity import load_of, plan, read_figures
+from records import invocations, record_submission, utc_text, uuid_key
 from settings import CANARIE_FIELDS, CANARIE_PAGES, SettingsError, gateway_redis, load_settings
 
 log = logging.getLogger('gateway')
@@ -165,6 +163,7 @@ def translate_errors(route):
 
 def preferred_type(*offered):
     """The offered media type the client's Accept header ranks highest (ties: first offered)."""
+    response.set_header('Vary', 'Accept')  # the answer depends on it: caches must know
     ranges = []
     for part in request.get_header('Accept', '').split(','):
         media, *params = [item.strip() for item in part.split(';')]
@@ -285,7 +284,7 @@ def job_state(service, uuid, job):
         state = PHASES.get(meta.get('phase'), 'RECEIVED')
         worker = meta.get('worker')
         result = (dict(current=meta['progress'], total=100, **worker,
-                       eta=progress_eta(worker['start_time'], meta['progress'])) if state == 'PROGRESS'
+                       eta=progress_eta(job, meta['progress'])) if state == 'PROGRESS'
                   else worker if state == 'STORING' else None)
         if state == 'PROGRESS' and worker['worker_id_version'] != service.version:
             raise GatewayError(204, f'worker version {worker["worker_id_version"]!r} does not match service '
@@ -295,31 +294,29 @@ def job_state(service, uuid, job):
     return {'uuid': uuid, 'status': state, 'result': result}
 
 
+POSITIONS_SEARCHED = 10_000  # LPOS is linear in the queue: further back, the position is unknown
+
+
 def place_in_queue(service, job):
     """A waiting job's ``position`` (1 = next to be taken) and ``eta``, the seconds until it is
     expected to start: the jobs ahead of it that idle workers cannot take at once, each
     lasting the service's mean duration, shared among its live workers. None where a figure
     is unknown (no live worker, no finished job yet, a job between queue and worker)."""
-    queue = queues[service.name]
-    with redis_db.pipeline(transaction=False) as pipe:
-        pipe.lpos(queue.key, job.id)
-        pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
-        index, worker_keys = pipe.execute()
+    index = redis_db.lpos(queues[service.name].key, job.id, maxlen=POSITIONS_SEARCHED)
+    figures = read_figures(redis_db, settings, [service])[service.name]
     position = None if index is None else index + 1
-    live, busy = live_workers(redis_db, worker_keys, settings.worker_ttl)
-    durations = recent_durations(redis_db, service.name, count=DURATION_HISTORY)
-    if position is None or not live or not durations:
+    if position is None or not figures.workers or figures.mean_duration is None:
         return {'position': position, 'eta': None}
-    return {'position': position, 'eta': round(max(0, position - (live - busy)) * fmean(durations) / live, 1)}
+    ahead = max(0, position - (figures.workers - figures.busy))
+    return {'position': position, 'eta': round(ahead * figures.mean_duration / figures.workers, 1)}
 
 
-def progress_eta(start_time, current):
-    """Seconds until a job in PROGRESS completes, if it keeps the pace it had since it started;
-    None before any progress."""
+def progress_eta(job, current):
+    """Seconds until a job in PROGRESS completes, if it keeps the pace it had since RQ started
+    it; None before any progress."""
     if not current:
         return None
-    started = datetime.strptime(start_time, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=timezone.utc)
-    return round((datetime.now(timezone.utc) - started).total_seconds() * (100 - current) / current, 1)
+    return round((datetime.now(timezone.utc) - job.started_at).total_seconds() * (100 - current) / current, 1)
 
 
 def abandoned_failure(job):
@@ -534,8 +531,18 @@ SCHEMAS = {
         'uuid': {'type': 'string', 'format': 'uuid'},
         'status': {'type': 'string', 'enum': ['PENDING', 'RECEIVED', 'STARTED', 'PROGRESS', 'STORING', 'SUCCESS',
                                               'FAILURE', 'RETRY', 'REVOKED', 'EXPIRED']},
-        'result': {'description': 'null, the annotations (SUCCESS), progress (PROGRESS, STORING) or '
-                                  '{"code", "message"} (FAILURE, RETRY, REVOKED)'}}},
+        'result': {'anyOf': [
+            {'type': 'null', 'description': 'RECEIVED, STARTED, EXPIRED'},
+            {'type': 'array', 'description': 'SUCCESS: the annotations'},
+            {'type': 'object', 'description': 'PENDING', 'required': ['position', 'eta'], 'properties': {
+                'position': {'type': ['integer', 'null'], 'minimum': 1}, 'eta': {'type': ['number', 'null']}}},
+            {'type': 'object', 'description': 'PROGRESS (current, total, eta too) and STORING',
+             'required': ['worker_id_version', 'start_time', 'host', 'type'], 'properties': {
+                 'current': {'type': 'integer', 'minimum': 0, 'maximum': 100}, 'total': {'const': 100},
+                 'eta': {'type': ['number', 'null']}, 'worker_id_version': {'type': 'string'},
+                 'start_time': {'type': 'string'}, 'host': {'type': 'string'}, 'type': {'type': 'string'}}},
+            {'type': 'object', 'description': 'FAILURE, RETRY, REVOKED', 'required': ['code', 'message'],
+             'properties': {'code': {'type': 'integer'}, 'message': {'type': 'string'}}}]}}},
     'Fields': {'type': 'object', 'additionalProperties': True, 'properties': {
         'doc_url': {'type': 'string', 'format': 'uri'}, 'ann_doc_id': {'type': 'string'},
         'callback_url': {'type': 'string', 'format': 'uri'}, 'storage_doc_id': {'type': 'string'}}},
@@ -560,13 +567,13 @@ def query_parameter(name, description, required=False, **schema):
             'schema': {'type': 'string', **schema}}
 
 
-def described(summary, responses, query=(), body=None, secured=False, head=False):
+def described(summary, responses, query=(), body=None, secured=False):
     """Attach a route's OpenAPI operation to it: ``query`` its query parameters, ``body`` its
-    request body, ``head`` adds HEAD (which bottle answers for a GET route)."""
+    request body. A GET route is described for HEAD as well, which bottle answers for it."""
 
     def attach(route):
-        route.openapi = {'summary': summary, 'responses': responses, 'head': head, 'secured': secured,
-                         'query': list(query), 'body': body}
+        route.openapi = {'summary': summary, 'responses': responses, 'secured': secured, 'query': list(query),
+                         'body': body}
         return route
 
     return attach
@@ -592,7 +599,7 @@ def openapi_document():
         if operation['secured']:
             entry['security'] = [{'jwt': []}]
         paths.setdefault(path, {})[route.method.lower()] = entry
-        if operation['head']:
+        if route.method == 'GET':
             paths[path]['head'] = dict(entry, operationId=entry['operationId'] + '_head', responses={
                 code: {'description': answer['description']} for code, answer in entry['responses'].items()})
     return {
@@ -686,10 +693,8 @@ def canarie_page(service, page):
         title = f'{(service.info if service else settings.info).get("name", "Service Gateway")}: {page}'
         return bottle.template('canarie', title=title, document=document)
     setting = (service.pages if service else settings.pages).get(page)
-    if setting is None:
-        if page == 'source':
-            return bottle.HTTPResponse(status=204)
-        raise GatewayError(202, f'no {page} page is configured')
+    if setting is None:  # CANARIE expects 204 of an unpublished source; the other pages alike
+        return bottle.HTTPResponse(status=204)
     if setting.kind == 'redirect':
         bottle.redirect(setting.value)
     if setting.kind == 'text':
@@ -712,108 +717,99 @@ def info_document(service):
     document = {key: info.get(key, '') for key in CANARIE_FIELDS}
     document['tags'] = info.get('tags', [])
     if service:
-        document['activeWorkers'] = read_loads(redis_db, settings, [service])[service.name].workers
+        document['activeWorkers'] = read_figures(redis_db, settings, [service])[service.name].workers
     return document
 
 
 def stats_document(service):
+    """CANARIE stats; 503 for a service no live worker runs: CANARIE's monitor reads it as down."""
+    if service and not read_figures(redis_db, settings, [service])[service.name].workers:
+        raise GatewayError(205, f'no live worker runs service {service.name!r}: its jobs wait')
     counts, since = invocations(redis_db)
     total = counts.get(service.name, 0) if service else sum(counts.get(name, 0) for name in settings.services)
     return {'invocations': total, 'lastReset': since}
 
 
+TEXT = {'text/plain': {'schema': {'type': 'string'}}}
 CANARIE_ANSWERS = {
+    **errors(404, 500, 503),
+    # pages set to "text,status" answer that status with that text
+    **{str(status): {'description': f'a page set to "text,{status}"', 'content': {**ERROR_CONTENT, **TEXT}}
+       for status in {page.status for pages in [settings.pages, *(service.pages for service in settings.services
+                                                                  .values())]
+                      for page in pages.values() if page.kind == 'text'}},
     '200': {'description': 'info and stats: JSON when asked for, else HTML; the others: a page or a text',
-            'content': {'application/json': {'schema': {'oneOf': [{'$ref': '#/components/schemas/Info'},
+            'content': {'application/json': {'schema': {'anyOf': [{'$ref': '#/components/schemas/Info'},
                                                                    {'$ref': '#/components/schemas/Stats'}]}},
-                        'text/html': {'schema': {'type': 'string'}}, 'text/plain': {'schema': {'type': 'string'}}}},
-    '204': {'description': 'source: none configured'},
-    '303': {'description': 'the page is elsewhere (Location)'},
-    **errors(503),
-    '404': {'description': 'unknown service or page, or a page configured as a text with that status',
-            'content': {**ERROR_CONTENT, 'text/plain': {'schema': {'type': 'string'}}}}}
+                        **HTML, **TEXT}},
+    '204': {'description': 'the page is not set'},
+    '302': {'description': 'the page is elsewhere (Location), to an HTTP/1.0 client'},
+    '303': {'description': 'the page is elsewhere (Location)'}}
 
 
 @app.get(f'/{CANARIE_PAGE}')
-@described('CANARIE API of the gateway', CANARIE_ANSWERS, head=True)
+@described('CANARIE API of the gateway', CANARIE_ANSWERS)
 def platform_page(page):
     return canarie_page(None, page)
 
 
 @app.get(f'/<service_name>/{CANARIE_PAGE}')
 @app.get(f'/<service_name>/service/{CANARIE_PAGE}')
-@described('CANARIE API of a service', CANARIE_ANSWERS, head=True)
+@described('CANARIE API of a service', CANARIE_ANSWERS)
 def service_page(service_name, page):
     return canarie_page(service_named(service_name), page)
 
 
 # Monitoring -------------------------------------------------------------------------------
 
-JOB_COUNTS = ('queued', 'running', 'failed', 'finished')
+COUNTED_STATES = ('queued', 'running', 'failed', 'finished')
 
 
-def service_figures(loads):
-    """Per service: the jobs queued and running and the live and busy workers of ``loads``
-    (as capacity.py read them), the jobs failed and finished (RQ's registries), and the
-    submissions since lastReset."""
-    with redis_db.pipeline(transaction=False) as pipe:
-        for name in loads:
-            queue = queues[name]
-            pipe.zcard(queue.failed_job_registry.key)
-            pipe.zcard(queue.finished_job_registry.key)
-        counts = pipe.execute()
-    submitted, _ = invocations(redis_db)
-    return {name: {'queued': load.queued, 'running': load.running, 'failed': counts[2 * number],
-                   'finished': counts[2 * number + 1], 'workers': load.workers, 'busy': load.busy,
-                   'invocations': submitted.get(name, 0)}
-            for number, (name, load) in enumerate(loads.items())}
-
-
-class Figures:
-    """Prometheus collector: the figures of ``service_figures``, job durations and the workers
-    each service needs, read at scrape time."""
+class GatewayCollector:
+    """Prometheus collector: per service, RQ's counts, live and busy workers, submissions, job
+    durations and the workers it needs, read at scrape time."""
 
     def collect(self):
-        loads = read_loads(redis_db, settings)
-        figures = service_figures(loads)
-        jobs = GaugeMetricFamily('gateway_jobs', 'Jobs per service and state, as RQ holds them',
+        figures = read_figures(redis_db, settings)
+        submitted, _ = invocations(redis_db)
+        loads = {name: load_of(settings.services[name], figure) for name, figure in figures.items()}
+        jobs = GaugeMetricFamily('gateway_jobs', 'Jobs per service and state, as RQ counts them',
                                  labels=['service', 'state'])
         workers = GaugeMetricFamily('gateway_workers', 'Live workers per service', labels=['service'])
         busy = GaugeMetricFamily('gateway_workers_busy', 'Live workers running a job', labels=['service'])
         submissions = CounterMetricFamily('gateway_submissions', 'Submissions since lastReset', labels=['service'])
-        durations = HistogramMetricFamily('gateway_job_duration_seconds', 'How long finished jobs ran',
+        durations = HistogramMetricFamily('gateway_job_duration_seconds', 'How long finished and failed jobs ran',
                                           labels=['service'])
         needed = GaugeMetricFamily('gateway_workers_needed', 'Workers each service needs (capacity.py)',
                                    labels=['service'])
         for name, count in plan(loads, settings.max_workers_total).items():
+            figure = figures[name]
+            for state in COUNTED_STATES:
+                jobs.add_metric([name, state], getattr(figure, state))
+            workers.add_metric([name], figure.workers)
+            busy.add_metric([name], figure.busy)
+            submissions.add_metric([name], submitted.get(name, 0))
+            durations.add_metric([name], figure.records.duration_buckets, figure.records.duration_sum)
             needed.add_metric([name], count)
-        for name, figure in figures.items():
-            for state in JOB_COUNTS:
-                jobs.add_metric([name, state], figure[state])
-            workers.add_metric([name], figure['workers'])
-            busy.add_metric([name], figure['busy'])
-            submissions.add_metric([name], figure['invocations'])
-            buckets, total = duration_histogram(redis_db, name)
-            durations.add_metric([name], buckets, total)
         yield from (jobs, workers, busy, submissions, durations, needed)
 
 
 metrics_registry = CollectorRegistry()
-metrics_registry.register(Figures())
+metrics_registry.register(GatewayCollector())
 
 
 @app.get('/')
 @described('Home page: the services, their figures and their CANARIE pages', {
-    '200': {'description': 'HTML', 'content': HTML}, **errors(503)})
+    '200': {'description': 'HTML', 'content': HTML}, **errors(500, 503)})
 def home():
-    figures = service_figures(read_loads(redis_db, settings))
-    return bottle.template('home', platform=settings.info, services=settings.services, figures=figures,
-                           pages=CANARIE_PAGES, now=utc_text(datetime.now(timezone.utc)))
+    return bottle.template('home', platform=settings.info, services=settings.services,
+                           figures=read_figures(redis_db, settings), invocations=invocations(redis_db)[0],
+                           pages=CANARIE_PAGES, now=utc_text(datetime.now(timezone.utc)), base=request.script_name)
 
 
 @app.get('/metrics')
 @described('Prometheus metrics', {'200': {'description': 'Prometheus text format', 'content': {
-    'text/plain': {'schema': {'type': 'string'}}}}, **errors(503)})
+    'text/plain': {'schema': {'type': 'string'}}}}, **errors(500, 503)})
 def metrics():
     response.content_type = CONTENT_TYPE_LATEST
     return generate_latest(metrics_registry)
@@ -824,7 +820,11 @@ def metrics():
     'application/json': {'schema': {'type': 'object'}}}}})
 def openapi():
     response.content_type = 'application/json'
-    return json.dumps(openapi_document())
+    return OPENAPI
+
+
+# Assembled once all routes exist, so that a route without a description stops start-up.
+OPENAPI = json.dumps(openapi_document())
 
 
 # Main -------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ a simulation (``bench/capacity_sim.py``) without a Redis server:
 - ``share_total`` divides a shared ``max_workers_total`` between services when
   their needs add up to more.
 
-Below it, ``read_loads`` fills the snapshots from Redis, and ``main`` prints
-them (the gateway's /metrics publishes the same needs).
+Below it, ``read_figures`` reads what Redis says of each service, ``load_of``
+makes the snapshots of it, and ``main`` prints them (the gateway's /metrics and
+status route read the same figures).
 """
 
 import argparse
@@ -30,9 +31,11 @@ from pathlib import Path
 
 import redis
 from rq import Queue
+from rq.job import Job
+from rq.utils import utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from records import arrival_rate, recent_durations
+from records import ANSWERS_PER_SERVICE, ARRIVAL_WINDOW_MINUTES, ServiceRecords, ask_service_records, service_records
 from settings import SettingsError, gateway_redis, load_settings
 
 log = logging.getLogger('capacity')
@@ -41,12 +44,14 @@ log = logging.getLogger('capacity')
 # without this slack math.ceil would ask for one worker too many.
 CEIL_SLACK = 1e-9
 
-# Share of the target wait during which the busy workers alone are trusted with
-# the queue; the rest is margin for the time queued jobs have already waited,
-# which the queue length does not tell. A compromise found in the simulation:
-# a quarter cost 1-5 % more worker-hours in six of its seven scenarios, three
-# quarters brought p95 waits to 0.9-1.0 of the target for at most 2 % fewer.
-TRUSTED_SHARE_OF_WAIT = 0.5
+# When the wait of the job at the head of the queue is not known (``oldest_wait``
+# None), or a new worker would not start within the target wait, the head is
+# taken to have waited this share of the target: the busy workers are then
+# trusted with the queue for the rest, half the target. A compromise found in the
+# simulation before the head's wait was read: a quarter cost 1-5 % more
+# worker-hours in six of its seven scenarios, three quarters brought p95 waits
+# to 0.9-1.0 of the target for at most 2 % fewer.
+ASSUMED_SHARE_WAITED = 0.5
 
 # Jobs that fail at once are recorded as lasting 0 s; the formula divides by the duration.
 SHORTEST_DURATION = 0.001
@@ -70,38 +75,64 @@ class ServiceLoad:
     expected_duration: float  # seconds, used when there is no duration history
     target_utilisation: float = 0.7
     start_delay: float = 0.0  # seconds from asking for a worker to its first job; 0 = at once
+    oldest_wait: float | None = None  # seconds the job at the head of the queue has waited; None = unknown
+    arrival_window: float = 300.0     # seconds arrival_rate is measured over
 
 
 def needed_workers(load: ServiceLoad) -> int:
     """The number of workers ``load``'s service needs now: the larger of two terms.
 
     With ``D`` the mean job duration (``expected_duration`` while there is no
-    history), ``rate`` the arrival rate (0 when unknown), ``Q`` the queued
-    jobs, ``T`` the target wait, ``R`` the start delay (a worker's boot plus
-    the period of the scaler that asks for it) and ``u`` the target
-    utilisation:
+    history), ``rate`` the arrival rate (0 when unknown) over the last ``W``
+    seconds (``arrival_window``), ``Q`` the queued jobs, ``A`` how long the
+    job at the head of the queue has waited (``oldest_wait``), ``T`` the
+    target wait, ``R`` the start delay (a worker's boot plus the period of
+    the scaler that asks for it) and ``u`` the target utilisation:
 
     Steady state, ``present + rate * D * (1 / u - 1)``. ``rate * D`` is the
     arriving work counted in busy workers (Little's law), and ``rate * D / u``
     keeps utilisation under ``u``; this term is exactly that, except that
-    ``present = min(rate * D, busy + Q + rate * max(0, R - T))`` replaces
-    the first ``rate * D``. Each job keeps at most one worker busy, so the
-    jobs in hand bound the work there is, counting as in hand those that
-    arrive within ``R - T``: they must find a worker that is already there,
-    since one asked for now would start them too late. A rate measured over
-    a window still counts a burst whose jobs are done; the bound stops it
-    from holding workers idle. The reserve ``rate * D * (1 / u - 1)`` is for
-    arrivals that come before a new worker is up: ``u`` near 1 suits workers
-    that start well within ``T``, lower values slow-starting ones.
+    ``present = min(max(0, rate - Q / W) * D, busy + Q + rate * max(0, R - T))``
+    replaces the first ``rate * D``:
 
-    Backlog, ``busy + max(0, Q - busy * T / (2 * D)) / (1 + max(0, T - R) / D)``.
-    The busy workers free up one every ``D / busy`` seconds and take the
-    queue in order, so they alone start ``busy * T / D`` queued jobs within
-    ``T``; only half of that is trusted (``TRUSTED_SHARE_OF_WAIT``), since
-    queued jobs have already waited for an unknown time. Each job beyond
-    that needs a new worker, and a new worker starts its first job after
-    ``R`` and then one every ``D``: ``1 + (T - R) / D`` jobs within the
-    target, or at least its first one when ``R`` exceeds ``T``.
+    - ``rate - Q / W``: the queued jobs arrived within the window (unless
+      they waited longer than it) and count in the rate, but keep no worker
+      busy yet; they are the backlog term's, which gives them their target
+      wait, where counting them here would give each a worker at once. A
+      burst, a batch of jobs submitted together, is thus sized by the
+      backlog term and not held as a rate for the whole window. Only when
+      a new worker starts in time (``R < T``, below); otherwise ``rate``.
+    - ``busy + Q + rate * max(0, R - T)``: each job keeps at most one worker
+      busy, so the jobs in hand bound the work there is, counting as in
+      hand those that arrive within ``R - T``: they must find a worker that
+      is already there, since one asked for now would start them too late.
+      A rate measured over a window still counts a burst whose jobs are
+      done; the bound stops it from holding workers idle.
+
+    The reserve ``rate * D * (1 / u - 1)`` is for arrivals that come before
+    a new worker is up: ``u`` near 1 suits workers that start well within
+    ``T``, lower values slow-starting ones.
+
+    Backlog, ``busy + max(0, Q - busy * max(0, T - A) / D) / (1 + max(0, T - R) / D)``.
+    The job at the head of the queue must start within ``T - A``; the busy
+    workers free up one every ``D / busy`` seconds and take the queue in
+    order, so they alone start ``busy * (T - A) / D`` queued jobs within
+    that time. When ``A`` is unknown, or a new worker does not start in
+    time (below), it is taken as ``T / 2`` (``ASSUMED_SHARE_WAITED``). Each
+    job beyond those needs a new worker. These are the later arrivals,
+    which have up to the whole ``T`` left, and a new worker starts its
+    first job after ``R`` and then one every ``D``: ``1 + (T - R) / D``
+    jobs within the target, or at least its first one when ``R`` exceeds
+    ``T``.
+
+    A new worker starts in time when ``R < T``. Both readings of the queue
+    above, ``Q / W`` out of the rate and ``A`` for the head's wait, ask for
+    fewer workers on the strength of what the queue shows now; if the
+    busy workers fall behind, the next evaluation must be able to make up
+    for it with a worker that still starts within the target. When ``R >=
+    T`` it cannot, so the estimate keeps the cautious reading: every
+    arrival counts in the rate, and the head is taken to have waited
+    ``T / 2``.
 
     The result is rounded up, then held within ``min_workers`` and
     ``max_workers``, and never below ``busy``: fewer would tell the operator
@@ -115,12 +146,15 @@ def needed_workers(load: ServiceLoad) -> int:
     duration = load.expected_duration if load.mean_duration is None else load.mean_duration
     duration = max(duration, SHORTEST_DURATION)
     rate = load.arrival_rate or 0.0
-    arriving_work = rate * duration
+    in_time = load.start_delay < load.target_wait
+    started_rate = max(0.0, rate - load.queued / load.arrival_window) if in_time else rate
     in_hand = load.busy + load.queued + rate * max(0.0, load.start_delay - load.target_wait)
-    present = min(arriving_work, in_hand)
-    steady = present + arriving_work * (1 / load.target_utilisation - 1)
+    present = min(started_rate * duration, in_hand)
+    steady = present + rate * duration * (1 / load.target_utilisation - 1)
 
-    left_to_busy = load.busy * load.target_wait * TRUSTED_SHARE_OF_WAIT / duration
+    waited = (load.oldest_wait if in_time and load.oldest_wait is not None
+              else load.target_wait * ASSUMED_SHARE_WAITED)
+    left_to_busy = load.busy * max(0.0, load.target_wait - waited) / duration
     starts_per_new_worker = 1 + max(0.0, load.target_wait - load.start_delay) / duration
     backlog = load.busy + max(0.0, load.queued - left_to_busy) / starts_per_new_worker
 
@@ -179,53 +213,86 @@ def share_total(needs: dict[str, int], loads: dict[str, ServiceLoad],
 
 
 # Reading Redis ------------------------------------------------------------------------------
-# What follows feeds the core above from RQ's records and the gateway's (records.py): O(1)
-# reads per service, never a scan of RQ's registries.
+# What follows feeds the core above from RQ's records and the gateway's (records.py), in two
+# round trips for any number of services, and never a scan of RQ's registries.
 
-ARRIVAL_WINDOW_MINUTES = 5   # submissions the arrival rate is measured over (as in the bench)
-DURATION_HISTORY = 100       # finished jobs the mean and p90 durations are taken from
-HEARTBEAT_FORMAT = '%Y-%m-%dT%H:%M:%S.%fZ'
+HEAD_JOBS = 3  # jobs read at the head of a queue for its oldest wait: a callback may sit first
 
 
-def live_workers(connection, keys, worker_ttl):
-    """How many of these RQ workers are live (last heartbeat under ``worker_ttl`` old), and busy."""
+@dataclass(frozen=True)
+class ServiceFigures:
+    """What Redis says of one service at one moment."""
+
+    queued: int
+    running: int          # RQ's started registry, less expired entries (as RQ's own count)
+    failed: int
+    finished: int
+    workers: int          # live: last heartbeat under worker_ttl old
+    busy: int
+    oldest_wait: float | None  # seconds the oldest of the jobs at the head of the queue has waited
+    records: ServiceRecords
+
+    @property
+    def mean_duration(self):
+        return statistics.fmean(self.records.durations) if self.records.durations else None
+
+
+def read_figures(connection, settings, services=None):
+    """``ServiceFigures`` per service (every configured one unless ``services`` are given)."""
+    services = list(services or settings.services.values())
+    now = time.time()
     with connection.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hmget(key, 'last_heartbeat', 'state')
-        heartbeats = pipe.execute()
-    oldest = datetime.now(timezone.utc) - timedelta(seconds=worker_ttl)
-    live = [state for heartbeat, state in heartbeats
-            if heartbeat and datetime.strptime(heartbeat.decode(), HEARTBEAT_FORMAT).replace(
-                tzinfo=timezone.utc) > oldest]
-    return len(live), sum(state == b'busy' for state in live)
-
-
-def read_loads(connection, settings, services=None, start_delay_extra=0.0):
-    """A ``ServiceLoad`` per service (every configured one unless ``services`` are given),
-    read from Redis now.
-
-    ``start_delay_extra`` is added to each service's ``start_delay``: the period of a
-    scaler that acts on these figures (``--watch``), during which a need waits unseen.
-    """
-    loads = {}
-    for service in services or settings.services.values():
-        queue = Queue(service.queue, connection=connection)
-        with connection.pipeline(transaction=False) as pipe:
+        for service in services:
+            queue = Queue(service.queue, connection=connection)
             pipe.llen(queue.key)
-            pipe.zcard(queue.started_job_registry.key)
+            for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry):
+                pipe.zcount(registry.key, now, '+inf')  # entries scored before now have expired
             pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
-            queued, running, worker_keys = pipe.execute()
-        workers, busy = live_workers(connection, worker_keys, settings.worker_ttl)
-        durations = recent_durations(connection, service.name, count=DURATION_HISTORY)
-        loads[service.name] = ServiceLoad(
-            name=service.name, queued=queued, running=running, workers=workers, busy=busy,
-            arrival_rate=arrival_rate(connection, service.name, ARRIVAL_WINDOW_MINUTES),
-            mean_duration=statistics.fmean(durations) if durations else None,
-            p90_duration=statistics.quantiles(durations, n=10)[-1] if len(durations) > 1 else None,
-            min_workers=service.min_workers, max_workers=service.max_workers, target_wait=service.target_wait,
-            expected_duration=service.expected_duration, target_utilisation=service.target_utilisation,
-            start_delay=service.start_delay + start_delay_extra)
-    return loads
+            pipe.lrange(queue.key, 0, HEAD_JOBS - 1)
+            ask_service_records(pipe, service.name, now)
+        answers = pipe.execute()
+    per_service = 6 + ANSWERS_PER_SERVICE
+    read = [answers[number * per_service:(number + 1) * per_service] for number in range(len(services))]
+    worker_keys = sorted({key for answer in read for key in answer[4]})
+    head_ids = sorted({job_id.decode() for answer in read for job_id in answer[5]})
+    with connection.pipeline(transaction=False) as pipe:
+        for key in worker_keys:
+            pipe.hmget(key, 'last_heartbeat', 'state')
+        for job_id in head_ids:
+            pipe.hget(Job.key_for(job_id), 'enqueued_at')
+        second = pipe.execute()
+    heartbeats = dict(zip(worker_keys, second[:len(worker_keys)], strict=True))
+    enqueued = dict(zip(head_ids, second[len(worker_keys):], strict=True))
+    oldest_beat = datetime.now(timezone.utc) - timedelta(seconds=settings.worker_ttl)
+    figures = {}
+    for service, (queued, running, failed, finished, keys, heads, *records) in zip(services, read, strict=True):
+        live = [state for heartbeat, state in (heartbeats[key] for key in keys)
+                if heartbeat and utcparse(heartbeat.decode()).replace(tzinfo=timezone.utc) > oldest_beat]
+        stamps = [enqueued[job_id.decode()] for job_id in heads if enqueued[job_id.decode()]]
+        oldest_wait = max((now - utcparse(stamp.decode()).replace(tzinfo=timezone.utc).timestamp()
+                           for stamp in stamps), default=None)
+        figures[service.name] = ServiceFigures(
+            queued=queued, running=running, failed=failed, finished=finished, workers=len(live),
+            busy=sum(state == b'busy' for state in live), oldest_wait=oldest_wait,
+            records=service_records(records, now))
+    return figures
+
+
+def load_of(service, figures, start_delay_extra=0.0):
+    """The ``ServiceLoad`` of a service's figures and settings.
+
+    ``start_delay_extra`` is added to the service's ``start_delay``: the period of a scaler
+    that acts on these figures (``--watch``), during which a need waits unseen.
+    """
+    durations = figures.records.durations
+    return ServiceLoad(
+        name=service.name, queued=figures.queued, running=figures.running, workers=figures.workers,
+        busy=figures.busy, arrival_rate=figures.records.arrival_rate, mean_duration=figures.mean_duration,
+        p90_duration=statistics.quantiles(durations, n=10, method='inclusive')[-1] if len(durations) > 1 else None,
+        min_workers=service.min_workers, max_workers=service.max_workers, target_wait=service.target_wait,
+        expected_duration=service.expected_duration, target_utilisation=service.target_utilisation,
+        start_delay=service.start_delay + start_delay_extra, oldest_wait=figures.oldest_wait,
+        arrival_window=figures.records.arrival_window)
 
 
 def plan(loads, max_workers_total):
@@ -241,11 +308,11 @@ def notes(load, need):
         said.append(f'no duration history yet: assuming expected_duration {load.expected_duration:g} s')
     if load.arrival_rate is None:
         said.append(f'no submissions in the last {ARRIVAL_WINDOW_MINUTES} minutes')
-    capped = needed_workers(dataclasses.replace(load, max_workers=10**9))
-    if need < capped:
-        said.append(f'code 400: not enough resources to add a worker (would need {capped})')
-    if need == load.min_workers and load.workers > need:
-        said.append('code 401: minimum number of workers reached')
+    unbounded = needed_workers(dataclasses.replace(load, min_workers=0, max_workers=10**9))
+    if need < unbounded:
+        said.append(f'code 400: not enough resources to add a worker (would need {unbounded})')
+    if unbounded < load.min_workers:
+        said.append(f'code 401: minimum number of workers reached (would need {unbounded})')
     return said
 
 
@@ -287,24 +354,32 @@ def procfile_processes(path):
 
 
 def heroku_lines(rows, processes):
-    """``heroku ps:scale`` for each Procfile worker process: the needs of its services added up."""
+    """``heroku ps:scale`` for each Procfile worker process: the needs of its services added up;
+    a service no process runs is said, as a comment."""
     needed = {row['service']: row['needed'] for row in rows}
+    run = {service for services in processes.values() for service in services}
     return [f'heroku ps:scale {process}={sum(needed.get(service, 0) for service in services)}'
-            for process, services in processes.items()]
+            for process, services in processes.items()] + [
+        f'# {service}: no Procfile process runs python worker.py {service}' for service in needed if service not in run]
 
 
-def act(rows, command, acted):
+def act(rows, command, acted, timeout=60):
     """Run ``command`` for each service whose need changed since the last time it was acted on
-    (the first time: whose need differs from its live workers)."""
+    (the first time: whose need differs from its live workers); a failure is reported, and
+    tried again at the next evaluation."""
     for row in rows:
-        if acted.get(row['service'], row['workers']) != row['needed']:
-            words = [word.format(service=row['service'], workers=row['needed'], delta=row['delta'])
-                     for word in shlex.split(command)]
-            done = subprocess.run(words, check=False)
-            if done.returncode == 0:
-                acted[row['service']] = row['needed']
-            else:
-                print(f'capacity: {" ".join(words)} exited with {done.returncode}', file=sys.stderr)
+        if acted.get(row['service'], row['workers']) == row['needed']:
+            continue
+        words = [word.replace('{service}', row['service']).replace('{workers}', str(row['needed']))
+                 .replace('{delta}', str(row['delta'])) for word in shlex.split(command)]
+        try:
+            failed = subprocess.run(words, check=False, timeout=timeout).returncode
+        except (OSError, subprocess.TimeoutExpired) as error:
+            failed = error
+        if failed:
+            print(f'capacity: {shlex.join(words)} failed: {failed}', file=sys.stderr)
+        else:
+            acted[row['service']] = row['needed']
 
 
 def main(argv=None):
@@ -329,15 +404,17 @@ def main(argv=None):
     acted = {}
     while True:
         try:
-            loads = read_loads(connection, settings, start_delay_extra=args.watch or 0.0)
+            figures = read_figures(connection, settings)
+            loads = {name: load_of(settings.services[name], figure, start_delay_extra=args.watch or 0.0)
+                     for name, figure in figures.items()}
         except (redis.ConnectionError, redis.TimeoutError) as error:
             if not args.watch:
                 sys.exit(f'capacity: Redis is unavailable: {error}')
             print(f'capacity: Redis is unavailable, trying again in {args.watch:g} s: {error}', file=sys.stderr)
         else:
             rows = report(loads, plan(loads, settings.max_workers_total))
-            if args.json:
-                print(json.dumps(rows, indent=2))
+            if args.json:  # one line per evaluation when watching
+                print(json.dumps(rows, indent=None if args.watch else 2))
             elif args.heroku:
                 print('\n'.join(heroku_lines(rows, procfile_processes(args.procfile))))
             else:

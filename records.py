@@ -11,12 +11,13 @@ never scans RQ's registries.
 """
 
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 INVOCATIONS = 'gateway:invocations'     # hash: service -> submissions since LAST_RESET
 LAST_RESET = 'gateway:invocations:since'
-ARRIVAL_MINUTES_KEPT = 120
-RECENT_DURATIONS_KEPT = 1000
+ARRIVAL_WINDOW_MINUTES = 5   # whole minutes the recent arrival rate is measured over, with the current one
+RECENT_DURATIONS_KEPT = 100  # finished jobs the mean and p90 durations are taken from
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)  # seconds, Prometheus 'le'
 
 
@@ -41,29 +42,20 @@ def record_submission(pipe, service, now=None):
     pipe.set(LAST_RESET, utc_text(datetime.fromtimestamp(now, timezone.utc)), nx=True)
     minute = _arrivals_key(service, int(now // 60))
     pipe.incr(minute)
-    pipe.expire(minute, ARRIVAL_MINUTES_KEPT * 60)
+    pipe.expire(minute, (ARRIVAL_WINDOW_MINUTES + 2) * 60)
 
 
 def invocations(connection):
     """Submissions per service since ``lastReset``, and lastReset: when counting began (the
     first submission or the first reading, whichever came first)."""
     with connection.pipeline(transaction=False) as pipe:
-        pipe.set(LAST_RESET, utc_text(datetime.now(timezone.utc)), nx=True)
         pipe.hgetall(INVOCATIONS)
         pipe.get(LAST_RESET)
-        _, counts, since = pipe.execute()
+        counts, since = pipe.execute()
+    if since is None:
+        connection.set(LAST_RESET, utc_text(datetime.now(timezone.utc)), nx=True)
+        since = connection.get(LAST_RESET)
     return {name.decode(): int(count) for name, count in counts.items()}, since.decode()
-
-
-def arrival_rate(connection, service, window_minutes=5, now=None):
-    """Submissions per second over the last ``window_minutes`` whole minutes and the current
-    one so far; None when there was none."""
-    now = now or time.time()
-    minute = int(now // 60)
-    counts = connection.mget([_arrivals_key(service, m) for m in range(minute - window_minutes, minute + 1)])
-    if all(count is None for count in counts):
-        return None
-    return sum(int(count or 0) for count in counts) / (window_minutes * 60 + now - minute * 60)
 
 
 def _durations_key(service):
@@ -83,16 +75,40 @@ def record_duration(pipe, service, seconds):
     pipe.hincrbyfloat(_buckets_key(service), 'sum', seconds)
 
 
-def recent_durations(connection, service, count=RECENT_DURATIONS_KEPT):
-    """Durations in seconds of the service's ``count`` most recent jobs, newest first."""
-    return [float(value) for value in connection.lrange(_durations_key(service), 0, count - 1)]
+@dataclass(frozen=True)
+class ServiceRecords:
+    """A service's records as read at one moment."""
+
+    arrival_rate: float | None  # submissions per second, recently; None when there was none
+    arrival_window: float       # seconds the rate is measured over
+    durations: list             # seconds, of the most recent jobs, newest first
+    duration_buckets: list      # [(le, cumulative count)...], for a Prometheus histogram
+    duration_sum: float
 
 
-def duration_histogram(connection, service):
-    """``([(le, cumulative count)...], sum)`` of every recorded duration, for Prometheus."""
-    counts = {key.decode(): value for key, value in connection.hgetall(_buckets_key(service)).items()}
-    cumulative, buckets = 0, []
+def ask_service_records(pipe, service, now):
+    """Add the reads of a service's records to ``pipe``; ``service_records`` reads the answers."""
+    minute = int(now // 60)
+    pipe.mget([_arrivals_key(service, m) for m in range(minute - ARRIVAL_WINDOW_MINUTES, minute + 1)])
+    pipe.lrange(_durations_key(service), 0, RECENT_DURATIONS_KEPT - 1)
+    pipe.hgetall(_buckets_key(service))
+
+
+ANSWERS_PER_SERVICE = 3
+
+
+def service_records(answers, now):
+    """The ``ServiceRecords`` of the answers to ``ask_service_records``: the arrival rate is
+    over the last whole minutes and the current one so far."""
+    arrivals, durations, buckets = answers
+    window = ARRIVAL_WINDOW_MINUTES * 60 + now % 60
+    rate = None
+    if any(count is not None for count in arrivals):
+        rate = sum(int(count or 0) for count in arrivals) / window
+    counts = {key.decode(): value for key, value in buckets.items()}
+    cumulative, histogram = 0, []
     for le in (*map(str, DURATION_BUCKETS), '+Inf'):
         cumulative += int(counts.get(le, 0))
-        buckets.append((le, cumulative))
-    return buckets, float(counts.get('sum', 0))
+        histogram.append((le, cumulative))
+    return ServiceRecords(rate, window, [float(value) for value in durations], histogram,
+                          float(counts.get('sum', 0)))

@@ -14,7 +14,6 @@ import configparser
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -23,6 +22,7 @@ from redis.retry import Retry
 
 DEFAULT_SETTINGS = Path(__file__).with_name('settings.ini')
 SERVICE_NAME = re.compile(r'^[A-Za-z0-9_-]+$')
+RELEASE_TIME = re.compile(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ')  # CANARIE's UTC format
 JWT_ALGORITHMS = {'HS256': 32, 'HS384': 48, 'HS512': 64}  # algorithm: minimum secret bytes (RFC 7518 3.2)
 CANARIE_FIELDS = ('name', 'synopsis', 'version', 'institution', 'releaseTime',
                   'researchSubject', 'supportEmail', 'category', 'tags')
@@ -156,14 +156,12 @@ class _Section:
             self.fail(key, f'must contain {{{placeholder}}}')
         return value
 
-    def canarie(self, base):
-        """The CANARIE info fields and pages set in this section (paths relative to ``base``)."""
-        info = {key: self.values[key.lower()].strip() for key in CANARIE_FIELDS if self.values.get(key.lower())}
-        if 'releaseTime' in info:
-            try:
-                datetime.strptime(info['releaseTime'], '%Y-%m-%dT%H:%M:%SZ')
-            except ValueError:
-                self.fail('releaseTime', f'{info["releaseTime"]!r} is not YYYY-MM-DDThh:mm:ssZ (UTC)')
+    def canarie(self, base, required):
+        """The CANARIE info fields and pages of this section (page paths relative to ``base``);
+        the info fields are ``required`` of the gateway, a service has the gateway's by default."""
+        info = {key: self.text(key) for key in CANARIE_FIELDS if required or self.values.get(key.lower(), '').strip()}
+        if 'releaseTime' in info and not RELEASE_TIME.fullmatch(info['releaseTime']):
+            self.fail('releaseTime', f'{info["releaseTime"]!r} is not YYYY-MM-DDThh:mm:ssZ (UTC)')
         if 'tags' in info:
             info['tags'] = [tag.strip() for tag in info['tags'].split(',') if tag.strip()]
         return info, {key: self.page(key, base) for key in CANARIE_PAGES if self.values.get(key, '').strip()}
@@ -205,7 +203,7 @@ def load_settings(path=None, environ=os.environ):
     gateway = _Section(parser, 'gateway', GATEWAY_KEYS)
     security = _Section(parser, 'security', SECURITY_KEYS)
     storage = _Section(parser, 'storage', STORAGE_KEYS)
-    info, pages = gateway.canarie(path.parent)
+    info, pages = gateway.canarie(path.parent, required=True)
 
     result_ttl = gateway.integer('result_ttl', 86400, minimum=1)
     uuid_ttl = gateway.integer('uuid_ttl', 7 * 86400, minimum=1)
@@ -233,6 +231,10 @@ def load_settings(path=None, environ=os.environ):
         services[name] = _service(_Section(parser, section, SERVICE_KEYS), name, info, pages, path.parent)
     if not services:
         raise SettingsError(f'{path}: no [service:NAME] section')
+    max_workers_total = gateway.integer('max_workers_total', 0)
+    if max_workers_total and sum(service.min_workers for service in services.values()) > max_workers_total:
+        gateway.fail('max_workers_total', f'is less than the services\' min_workers added up '
+                                          f'({sum(service.min_workers for service in services.values())})')
 
     return Settings(
         path=path,
@@ -243,7 +245,7 @@ def load_settings(path=None, environ=os.environ):
         max_content_length=gateway.integer('max_content_length', 2**20, minimum=1),
         redis_timeout=gateway.number('redis_timeout', 0.5),
         worker_ttl=gateway.integer('worker_ttl', 420, minimum=20),
-        max_workers_total=gateway.integer('max_workers_total', 0),
+        max_workers_total=max_workers_total,
         trusted_proxy=gateway.text('trusted_proxy', ''),
         url_prefix=gateway.text('url_prefix', ''),
         jwt_secret=secret,
@@ -264,7 +266,7 @@ def load_settings(path=None, environ=os.environ):
 
 def _service(section, name, gateway_info, gateway_pages, base):
     """A service's settings; CANARIE fields and pages it does not set are the gateway's."""
-    info, pages = section.canarie(base)
+    info, pages = section.canarie(base, required=False)
     min_workers = section.integer('min_workers', 0)
     max_workers = section.integer('max_workers', 10, minimum=1)
     if max_workers < min_workers:

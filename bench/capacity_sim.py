@@ -6,8 +6,10 @@ from a fixed seed, and every policy is run on that same traffic:
 
 (a) ``capacity.needed_workers`` and ``share_total``, fed only what capacity.py
     can read from Redis: queue length, running jobs, live and busy workers,
-    the arrival rate over the last ``RATE_WINDOW`` seconds and the mean/p90
-    of the last ``DURATION_HISTORY`` finished jobs;
+    how long the job at the head of the queue has waited (RQ's
+    ``enqueued_at`` of that job), the arrival rate over the last
+    ``RATE_WINDOW`` seconds and the mean/p90 of the last ``DURATION_HISTORY``
+    finished jobs;
 (b) KEDA's Redis list scaler: ``ceil(list length / listLength)`` within the
     service's min/max replicas, the list being RQ's queue (a started job has
     left it), with the Kubernetes HPA's scale-down stabilisation window;
@@ -168,6 +170,7 @@ class Observation:
     starting: int         # asked for and not yet live (booting or waiting for a slot)
     replicas: int         # the scaler's own count: starting + live ones not leaving
     arrival_rate: float
+    oldest_wait: float | None  # how long the job at the head of the queue has waited; None = empty
     mean_duration: float | None
     p90_duration: float | None
 
@@ -188,7 +191,8 @@ class Estimator:
     def decide(self, scenario, observations, now):
         loads = {s.name: ServiceLoad(
             name=s.name, queued=o.queued, running=o.running, workers=o.workers, busy=o.busy,
-            arrival_rate=o.arrival_rate, mean_duration=o.mean_duration,
+            arrival_rate=o.arrival_rate, arrival_window=RATE_WINDOW, oldest_wait=o.oldest_wait,
+            mean_duration=o.mean_duration,
             p90_duration=o.p90_duration, min_workers=s.min_workers, max_workers=s.max_workers,
             target_wait=s.target_wait, expected_duration=s.expected_duration,
             target_utilisation=self.target_utilisation,
@@ -432,6 +436,8 @@ class Simulation:
             idle=idle, starting=starting,
             replicas=sum(1 for w in workers if not w.leaving),
             arrival_rate=len(recent) / RATE_WINDOW,
+            oldest_wait=(self.now - self.arrival[service][self.queue[service][0]]
+                         if self.queue[service] else None),
             mean_duration=statistics.fmean(finished) if finished else None,
             p90_duration=p90(finished) if finished else None)
 

@@ -8,7 +8,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from capacity import read_loads
+from capacity import ServiceLoad, load_of, notes, read_figures
 from conftest import ROOT, process_env, wait_until
 from records import record_duration
 from settings import load_settings
@@ -40,22 +40,26 @@ def test_loads_read_queue_workers_rate_and_durations(settings_file, gateway, sta
     gateway.wait_for('held', gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav',
                                                release=str(tmp_path / 'go')), 'STARTED')
     record_durations(redis_db, 'echo', *range(1, 11))
-    loads = read_loads(redis_db, load_settings(settings_file, {}))
-    echo, held = loads['echo'], loads['held']
+    settings = load_settings(settings_file, {})
+    figures = read_figures(redis_db, settings)
+    echo, held = (load_of(settings.services[name], figures[name]) for name in ('echo', 'held'))
     assert (echo.queued, echo.running, echo.workers, echo.busy) == (5, 0, 0, 0)
     assert (held.queued, held.running, held.workers, held.busy) == (0, 1, 1, 1)
     assert 5 / 360 < echo.arrival_rate <= 5 / 300  # 5 submissions within the last 5 to 6 minutes
-    assert (echo.mean_duration, echo.p90_duration) == (5.5, 9.9)
+    assert 300 <= echo.arrival_window < 360
+    assert (echo.mean_duration, echo.p90_duration) == (5.5, 9.1)  # p90 within the durations seen
     assert (held.mean_duration, held.p90_duration) == (None, None)
+    assert 0 <= echo.oldest_wait < 30 and held.oldest_wait is None
     (tmp_path / 'go').touch()
 
 
 def test_json_gives_each_services_figures_and_need(settings_file, redis_server, five_waiting):
     echo = next(row for row in json.loads(capacity(settings_file, redis_server, '--json')) if row['service'] == 'echo')
-    # D = expected_duration 60 (no history), T = 300, R = 30, u = 0.7, rate in (5/360, 5/300]:
-    # steady = rate * 60 / 0.7 in (1.19, 1.43]; backlog = 5 / (1 + 270 / 60) = 0.91; need 2
+    # D = expected_duration 60 (no history), T = 300, R = 30, u = 0.7, rate <= 5/300, window >= 300 s:
+    # the 5 queued jobs take the whole rate (5/300 - 5/300 = 0): present = 0,
+    # steady = rate * 60 * (1/0.7 - 1) <= 0.43; backlog = 5 / (1 + 270 / 60) = 0.91; need 1
     assert {key: echo[key] for key in ('queued', 'running', 'workers', 'busy', 'needed', 'delta')} == {
-        'queued': 5, 'running': 0, 'workers': 0, 'busy': 0, 'needed': 2, 'delta': 2}
+        'queued': 5, 'running': 0, 'workers': 0, 'busy': 0, 'needed': 1, 'delta': 1}
     assert echo['mean_seconds'] is None
     assert echo['notes'] == ['no duration history yet: assuming expected_duration 60 s']
 
@@ -74,8 +78,8 @@ def test_table_has_a_row_per_service(settings_file, redis_server, five_waiting):
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if ':' not in line}
     assert set(rows) == set(load_settings(settings_file, {}).services)
     queued, running, workers, busy, rate, mean, needed, delta = rows['echo']
-    assert (queued, running, workers, busy, mean, needed, delta) == ('5', '0', '0', '0', '-', '2', '+2')
-    assert 5 / 6 < float(rate) <= 1  # per minute
+    assert (queued, running, workers, busy, mean, needed, delta) == ('5', '0', '0', '0', '-', '1', '+1')
+    assert 0.83 <= float(rate) <= 1  # per minute, rounded to 0.01
     assert 'echo: no duration history yet: assuming expected_duration 60 s' in lines
 
 
@@ -85,14 +89,16 @@ def test_heroku_scales_each_procfile_process_to_its_services_needs(settings_file
     procfile.write_text('web: waitress-serve --port=$PORT app:app\nechoes: python worker.py echo crash\n'
                         'dashboard: rq-dashboard\n')
     assert capacity(settings_file, redis_server, '--heroku', '--procfile', str(procfile)).splitlines() == [
-        'heroku ps:scale echoes=2']
+        'heroku ps:scale echoes=1'] + [f'# {service}: no Procfile process runs python worker.py {service}'
+                                       for service in load_settings(settings_file, {}).services
+                                       if service not in ('echo', 'crash')]
 
 
 def test_exec_runs_for_each_service_whose_need_differs_from_its_workers(settings_file, redis_server,
                                                                         five_waiting, tmp_path):
     log = tmp_path / 'scaled'
     capacity(settings_file, redis_server, '--exec', f'sh -c "echo {{service}} {{workers}} {{delta}} >> {log}"')
-    assert log.read_text().splitlines() == ['echo 2 2']
+    assert log.read_text().splitlines() == ['echo 1 1']
 
 
 def test_watch_acts_once_per_change_of_need(settings_file, redis_server, five_waiting, tmp_path):
@@ -106,7 +112,7 @@ def test_watch_acts_once_per_change_of_need(settings_file, redis_server, five_wa
         finally:
             process.terminate()
             process.wait(timeout=10)
-    assert log.read_text().splitlines() == ['echo 2']
+    assert log.read_text().splitlines() == ['echo 1']
 
 
 def test_metrics_publish_the_same_needs(settings_file, redis_server, gateway, five_waiting):
@@ -128,3 +134,34 @@ def test_capacity_with_redis_down_says_so(settings_file, stopped_redis):
     done = subprocess.run([sys.executable, 'capacity.py'], cwd=ROOT, capture_output=True, text=True,
                           env=process_env(settings_file, stopped_redis))
     assert done.returncode != 0 and done.stderr.startswith('capacity: Redis is unavailable')
+
+
+def test_exec_leaves_other_braces_to_the_command(settings_file, redis_server, five_waiting, tmp_path):
+    log = tmp_path / 'scaled'
+    capacity(settings_file, redis_server, '--exec', f'sh -c "echo {{service}} ${{CAPACITY_TEST:-unset}} >> {log}"')
+    assert log.read_text().splitlines() == ['echo unset']
+
+
+def test_exec_that_cannot_run_is_reported(settings_file, redis_server, five_waiting):
+    done = subprocess.run([sys.executable, 'capacity.py', '--exec', 'no-such-scaler {service}'], cwd=ROOT,
+                          capture_output=True, text=True, env=process_env(settings_file, redis_server))
+    assert done.returncode == 0 and "capacity: no-such-scaler echo failed: [Errno 2]" in done.stderr
+
+
+def idle_load(**given):
+    values = dict(name='svc', queued=0, running=0, workers=1, busy=0, arrival_rate=None, mean_duration=60.0,
+                  p90_duration=None, min_workers=0, max_workers=10, target_wait=60, expected_duration=60)
+    return ServiceLoad(**{**values, **given})
+
+
+def test_note_401_when_the_minimum_holds_more_workers_than_needed():
+    assert any(note.startswith('code 401') for note in notes(idle_load(min_workers=1), 1))
+
+
+def test_no_note_401_when_the_need_is_the_minimum_anyway():
+    assert not any(note.startswith('code 401') for note in notes(idle_load(workers=3), 0))
+
+
+def test_note_400_when_max_workers_holds_the_need_back():
+    load = idle_load(queued=100, max_workers=2)
+    assert any(note.startswith('code 400') for note in notes(load, 2))

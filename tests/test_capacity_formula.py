@@ -1,8 +1,10 @@
 """The capacity formula and the sharing of max_workers_total, against sums done by hand.
 
 Pure arithmetic: no Redis, no fixture of conftest.py. Each case writes its
-arithmetic in a comment, with D the duration, rate the arrival rate, Q the
-queued jobs, T the target wait, R the start delay and u the target utilisation.
+arithmetic in a comment, with D the duration, rate the arrival rate over a
+window of W seconds (300 unless said), Q the queued jobs, A the wait of the
+job at the head of the queue (unknown unless said: then T / 2), T the target
+wait, R the start delay and u the target utilisation.
 """
 
 import logging
@@ -38,8 +40,9 @@ def test_backlog_alone_is_drained_within_target_wait():
 
 
 def test_steady_state_and_backlog_take_the_larger():
-    # work = 0.1 * 60 = 6; present = min(6, 6 + 20) = 6; steady = 6 / 0.75 = 8
-    # trusted to busy: 6 * 60 * 0.5 / 60 = 3; (20 - 3) / (1 + 60 / 60) = 8.5
+    # the 20 queued jobs leave the rate: 0.1 - 20/300 = 0.0333; present = min(0.0333 * 60 = 2, 6 + 20) = 2
+    # steady = 2 + 0.1 * 60 * (1/0.75 - 1) = 2 + 2 = 4
+    # trusted to busy: 6 * (60 - 30) / 60 = 3; (20 - 3) / (1 + 60 / 60) = 8.5
     # backlog = 6 + 8.5 = 14.5 -> 15
     assert needed_workers(load(arrival_rate=0.1, busy=6, queued=20,
                                target_utilisation=0.75)) == 15
@@ -75,6 +78,51 @@ def test_start_later_than_target_wait_counts_coming_jobs_as_in_hand():
                                start_delay=90)) == 13
 
 
+def test_queued_arrivals_leave_the_rate_to_the_backlog_term():
+    # rate without the queued: 0.2 - 6/300 = 0.18; present = min(0.18 * 60 = 10.8, 10 + 6) = 10.8
+    # steady = 10.8 + 0.2 * 60 * (1/0.75 - 1) = 10.8 + 4 = 14.8 -> 15 (with all of the rate: 12 + 4 = 16)
+    # backlog: trusted to busy 10 * (60 - 30) / 60 = 5; 10 + (6 - 5) / 2 = 10.5
+    assert needed_workers(load(arrival_rate=0.2, busy=10, queued=6, target_utilisation=0.75)) == 15
+
+
+def test_arrival_window_sets_the_share_of_the_rate_the_queued_jobs_take():
+    # W = 600: 0.2 - 12/600 = 0.18; present = min(10.8, 10 + 12) = 10.8; steady = 10.8 + 4 = 14.8 -> 15
+    # (with W = 300: 0.2 - 12/300 = 0.16; 9.6 + 4 = 13.6 -> 14)
+    # backlog: 10 + (12 - 5) / 2 = 13.5
+    assert needed_workers(load(arrival_rate=0.2, busy=10, queued=12, arrival_window=600,
+                               target_utilisation=0.75)) == 15
+
+
+def test_queued_arrivals_stay_in_the_rate_when_a_new_worker_starts_too_late():
+    # R = 90 >= T = 60: no correction, rate 0.2; in hand 10 + 6 + 0.2 * (90 - 60) = 22
+    # present = min(0.2 * 60 = 12, 22) = 12; steady = 12 + 4 = 16
+    # backlog: A taken as 30, trusted to busy 5; a new worker starts 1 job: 10 + (6 - 5) / 1 = 11
+    assert needed_workers(load(arrival_rate=0.2, busy=10, queued=6, target_utilisation=0.75,
+                               start_delay=90)) == 16
+
+
+def test_long_waited_head_leaves_less_of_the_queue_to_the_busy_workers():
+    # A = 45: trusted to busy 4 * (60 - 45) / 60 = 1; (14 - 1) / (1 + 60 / 60) = 6.5
+    # backlog = 4 + 6.5 = 10.5 -> 11 (A unknown, taken as 30: 10)
+    assert needed_workers(load(busy=4, queued=14, oldest_wait=45)) == 11
+
+
+def test_fresh_head_leaves_more_of_the_queue_to_the_busy_workers():
+    # A = 0: trusted to busy 4 * (60 - 0) / 60 = 4; (14 - 4) / 2 = 5; backlog = 4 + 5 = 9 (unknown: 10)
+    assert needed_workers(load(busy=4, queued=14, oldest_wait=0)) == 9
+
+
+def test_head_waited_beyond_target_leaves_nothing_to_the_busy_workers():
+    # A = 90 > T = 60: trusted to busy 4 * max(0, 60 - 90) / 60 = 0; backlog = 4 + 14 / 2 = 11
+    assert needed_workers(load(busy=4, queued=14, oldest_wait=90)) == 11
+
+
+def test_head_wait_is_not_relied_on_when_a_new_worker_starts_too_late():
+    # R = 90 >= T = 60: A = 0 is set aside for T / 2 = 30: trusted to busy 4 * 30 / 60 = 2
+    # a new worker starts 1 job: backlog = 4 + (14 - 2) / 1 = 16 (with A = 0: 4 + 10 = 14)
+    assert needed_workers(load(busy=4, queued=14, oldest_wait=0, start_delay=90)) == 16
+
+
 def test_no_duration_history_falls_back_to_expected_duration():
     # D = expected 120 (mean None): work = 0.05 * 120 = 6; present = min(6, 6) = 6
     # steady = 6 / 0.75 = 8 (with D = 60 it would be 3 / 0.75 = 4)
@@ -100,7 +148,8 @@ def test_min_workers_raises_a_small_need():
 
 
 def test_max_workers_caps_the_need():
-    # work = 1 * 60 = 60; present = min(60, 10 + 50) = 60; steady = 60 / 0.75 = 80 > max 20
+    # rate without the queued: 1 - 50/300 = 0.8333; present = min(0.8333 * 60 = 50, 10 + 50) = 50
+    # steady = 50 + 1 * 60 * (1/0.75 - 1) = 50 + 20 = 70 > max 20
     assert needed_workers(load(arrival_rate=1.0, busy=10, queued=50, max_workers=20,
                                target_utilisation=0.75)) == 20
 

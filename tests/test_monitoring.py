@@ -36,13 +36,14 @@ def held_states(gateway, start_worker, tmp_path, redis_db):
 
 def test_metrics_match_rqs_registries_at_that_moment(gateway, start_worker, tmp_path, redis_db):
     held_states(gateway, start_worker, tmp_path, redis_db)
+    redis_db.zadd('rq:finished:echo', {'long-expired-job': 1000})  # what RQ's next cleanup drops
     metrics = scrape(gateway)
     for service in ('echo', 'crash', 'held'):
         queue = Queue(service, connection=redis_db)
         held = {'queued': queue.count,
-                'running': queue.started_job_registry.get_job_count(cleanup=False),
-                'failed': queue.failed_job_registry.get_job_count(cleanup=False),
-                'finished': queue.finished_job_registry.get_job_count(cleanup=False)}
+                'running': queue.started_job_registry.count,  # RQ's counts, after its cleanup
+                'failed': queue.failed_job_registry.count,
+                'finished': queue.finished_job_registry.count}
         scraped = {state: metrics[('gateway_jobs', (('service', service), ('state', state)))] for state in held}
         assert scraped == held, service
     assert (metrics[('gateway_jobs', (('service', 'held'), ('state', 'queued')))],
@@ -75,7 +76,7 @@ def test_home_page_shows_each_service_with_live_figures(gateway, start_worker, t
     assert page.status_code == 200 and page.headers['Content-Type'].startswith('text/html')
     held = page.text.split('id="held"')[1].split('</section>')[0]
     assert '<b>2</b><span>queued</span>' in held and '<b>1</b><span>running</span>' in held
-    assert '<b>3</b><span>invocations</span>' in held and 'href="held/info"' in held
+    assert '<b>3</b><span>invocations</span>' in held and 'href="/held/info"' in held
 
 
 def chromium():

@@ -1,6 +1,10 @@
 """A waiting job tells its place in the queue and when it should start; a running one when it
 should end. Null where a figure is unknown, never a made-up number."""
 
+from datetime import datetime, timezone
+
+from rq.job import Job
+
 from records import record_duration
 
 
@@ -47,9 +51,15 @@ def test_eta_shares_the_jobs_ahead_among_live_workers(gateway, start_worker, tmp
     (tmp_path / 'go').touch()
 
 
-def test_progress_carries_an_eta_once_progress_is_reported(gateway, start_worker):
+def test_progress_eta_keeps_the_pace_since_the_job_started(gateway, start_worker, redis_db):
     start_worker('sleeper')  # reports 1 %, then runs
     uuid = gateway.submitted('sleeper', doc_url='http://127.0.0.1:9/a.wav')
-    state, _ = gateway.wait_for('sleeper', uuid, 'PROGRESS')
-    assert state['result']['current'] == 1 and state['result']['eta'] >= 0
+    gateway.wait_for('sleeper', uuid, 'PROGRESS')
+    before = datetime.now(timezone.utc)
+    state = gateway.state('sleeper', uuid)
+    after = datetime.now(timezone.utc)
+    started = Job.fetch(uuid, connection=redis_db).started_at
+    # 1 % done after t seconds: 99 % more take 99 t
+    assert 99 * (before - started).total_seconds() - 0.1 <= state['result']['eta'] <= \
+        99 * (after - started).total_seconds() + 0.1
     gateway.cancel('sleeper', uuid)

@@ -10,11 +10,25 @@ import pytest
 from conftest import ROOT
 from settings import SettingsError, load_settings
 
-MINIMAL = """
-[service:annotator]
-function = services.annotator.annotate
+PLATFORM = """name = Gateway
+synopsis = A gateway
 version = 1.0.0
+institution = An institute
+releaseTime = 2026-11-28T00:00:00Z
+researchSubject = Testing
+supportEmail = support@example.org
+category = Testing
+tags = a, b
 """
+
+
+def settings_text(gateway='', service='', sections=''):
+    """A settings file with the required CANARIE fields, one service, and what a test adds."""
+    return (f'[gateway]\n{PLATFORM}{gateway}\n{sections}\n'
+            f'[service:annotator]\nfunction = services.annotator.annotate\nversion = 1.0.0\n{service}')
+
+
+MINIMAL = settings_text()
 
 
 def settings_from(tmp_path, text, **environ):
@@ -35,22 +49,28 @@ def test_minimal_settings_take_the_defaults(tmp_path):
 
 
 def test_environment_overrides_redis_url_and_port(tmp_path):
-    settings = settings_from(tmp_path, '[gateway]\nredis_url = redis://a:1\nport = 1\n' + MINIMAL,
+    settings = settings_from(tmp_path, settings_text(gateway='redis_url = redis://a:1\nport = 1\n'),
                              REDIS_URL='redis://b:2', PORT='8080')
     assert (settings.redis_url, settings.port) == ('redis://b:2', 8080)
 
 
 @pytest.mark.parametrize('text, message', [
-    ('[service:annotator]\nversion = 1\n', r'\[service:annotator\] function: is required'),
-    (MINIMAL + 'timeout = soon\n', r"\[service:annotator\] timeout: 'soon' is not an integer"),
-    (MINIMAL + 'noparams = perhaps\n', r"\[service:annotator\] noparams: 'perhaps' is not a boolean"),
-    (MINIMAL + 'tiemout = 3\n', r'\[service:annotator\] tiemout: unknown key'),
-    ('[security]\njwt_algorithm = none\n' + MINIMAL, r"\[security\] jwt_algorithm: 'NONE' is not one of"),
-    ('[storage]\npost_annotations_url = http://x/\n' + MINIMAL,
+    (f'[gateway]\n{PLATFORM}[service:annotator]\nversion = 1\n', r'\[service:annotator\] function: is required'),
+    (settings_text(service='timeout = soon'), r"\[service:annotator\] timeout: 'soon' is not an integer"),
+    (settings_text(service='noparams = perhaps'), r"\[service:annotator\] noparams: 'perhaps' is not a boolean"),
+    (settings_text(service='tiemout = 3'), r'\[service:annotator\] tiemout: unknown key'),
+    (settings_text(sections='[security]\njwt_algorithm = none'), r"\[security\] jwt_algorithm: 'NONE' is not one of"),
+    (settings_text(sections='[storage]\npost_annotations_url = http://x/'),
      r'\[storage\] post_annotations_url: must contain \{ann_doc_id\}'),
-    ('[gateway]\nresult_ttl = 100\nuuid_ttl = 50\n' + MINIMAL, r'\[gateway\] uuid_ttl: must be longer'),
-    ('[services:x]\n', r'\[services:x\]: unknown section'),
-    ('[gateway]\n', r'no \[service:NAME\] section'),
+    (settings_text(gateway='result_ttl = 100\nuuid_ttl = 50'), r'\[gateway\] uuid_ttl: must be longer'),
+    (settings_text(gateway='max_workers_total = 1', service='min_workers = 2'),
+     r"\[gateway\] max_workers_total: is less than the services' min_workers added up \(2\)"),
+    (settings_text().replace('releaseTime = 2026-11-28T00:00:00Z', 'releaseTime = 2026-1-2T3:4:5Z'),
+     r"\[gateway\] releaseTime: '2026-1-2T3:4:5Z' is not YYYY-MM-DDThh:mm:ssZ"),
+    (settings_text(service='releaseTime = yesterday'), r"\[service:annotator\] releaseTime: 'yesterday' is not"),
+    (settings_text().replace('supportEmail = support@example.org\n', ''), r'\[gateway\] supportEmail: is required'),
+    (settings_text(sections='[services:x]'), r'\[services:x\]: unknown section'),
+    (f'[gateway]\n{PLATFORM}', r'no \[service:NAME\] section'),
     ('[gateway\n', r'settings.ini: '),
 ])
 def test_malformed_setting_is_named(tmp_path, text, message):
@@ -71,8 +91,8 @@ def run(tmp_path, command, text=MINIMAL, **environ):
 
 
 def test_gateway_with_a_bad_setting_stops_with_one_line(tmp_path):
-    done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'], MINIMAL + 'retries = -1\n',
-               GATEWAY_JWT_SECRET='s' * 32, REDIS_URL='redis://127.0.0.1:9')
+    done = run(tmp_path, [sys.executable, '-m', 'waitress', '--port=0', 'app:app'],
+               settings_text(service='retries = -1'), GATEWAY_JWT_SECRET='s' * 32, REDIS_URL='redis://127.0.0.1:9')
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == 'settings error: [service:annotator] retries: must be at least 0'
 
