@@ -474,10 +474,16 @@ def stop(process):
 
 
 @pytest.fixture(scope='session')
-def gateway(settings_file, redis_server):
+def gateway_process(settings_file, redis_server):
     process, url = run_gateway(settings_file, redis_server)
-    yield Gateway(url)
+    yield url
     stop(process)
+
+
+@pytest.fixture
+def gateway(gateway_process, redis_db):
+    """A client of the session's gateway, on a Redis flushed for the test."""
+    return Gateway(gateway_process)
 
 
 def _listening(port):
