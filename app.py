@@ -52,7 +52,15 @@ from rq.job import Job, JobStatus
 
 from capacity import load_of, plan, read_figures
 from records import invocations, record_submission, utc_text, uuid_key
-from settings import CANARIE_FIELDS, CANARIE_PAGES, SettingsError, gateway_redis, load_settings
+from settings import (
+    CANARIE_FIELDS,
+    CANARIE_PAGES,
+    exit_on_settings_error,
+    gateway_redis,
+    load_settings,
+    require_jwt_secret,
+    require_redis_url,
+)
 
 log = logging.getLogger('gateway')
 HERE = Path(__file__).parent
@@ -60,32 +68,13 @@ HERE = Path(__file__).parent
 
 # Settings ---------------------------------------------------------------------------------
 
-def require(condition, problem):
-    """Stop start-up with one line when a setting is missing or malformed."""
-    if not condition:
-        sys.exit(f'settings error: {problem}')
-
-
-try:
+with exit_on_settings_error():
     settings = load_settings()
-except SettingsError as error:
-    sys.exit(f'settings error: {error}')
-
-
-def require_secret():
-    require(settings.jwt_secret or settings.auth_bypass,
-            'GATEWAY_JWT_SECRET is not set (or set [security] bypass = true on a closed development machine)')
-
-
-def require_redis_url():
-    require(settings.redis_url, 'REDIS_URL is not set (only `python app.py` runs an embedded Redis without it)')
-
-
-# `python app.py` runs everything itself (embedded Redis, its own secret) or checks these
-# in main(); every other way of serving app:app must be given both.
-if __name__ != '__main__':
-    require_secret()
-    require_redis_url()
+    # `python app.py` runs everything itself (embedded Redis, its own secret) or checks these
+    # in main(); every other way of serving app:app must be given both.
+    if __name__ != '__main__':
+        require_jwt_secret(settings)
+        require_redis_url(settings)
 
 # No Redis, and so no queues, only for `python app.py` without REDIS_URL, which serves
 # nothing itself: it starts the processes that do (see main).
@@ -833,7 +822,8 @@ def serve():
     """Serve the gateway with waitress (``python app.py`` with a Redis URL)."""
     import waitress
 
-    require_secret()
+    with exit_on_settings_error():
+        require_jwt_secret(settings)
     proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_headers=(
         'x-forwarded-for x-forwarded-host x-forwarded-proto x-forwarded-port')) if settings.trusted_proxy else {}
     waitress.serve(app, host=os.environ.get('HOST', '127.0.0.1'), port=settings.port, url_prefix=settings.url_prefix,
@@ -964,7 +954,8 @@ def main(argv=None):
     token.add_argument('--ttl', type=int, default=settings.jwt_ttl, help='lifetime in seconds')
     args = parser.parse_args(argv)
     if args.command == 'token':
-        require(settings.jwt_secret, 'GATEWAY_JWT_SECRET is not set')
+        with exit_on_settings_error():
+            require_jwt_secret(settings, bypass_allowed=False)
         print(make_token(settings.jwt_secret, args.ttl))
     elif settings.redis_url:
         serve()

@@ -36,7 +36,7 @@ from rq.utils import utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from records import ANSWERS_PER_SERVICE, ARRIVAL_WINDOW_MINUTES, ServiceRecords, ask_service_records, service_records
-from settings import SettingsError, gateway_redis, load_settings
+from settings import exit_on_settings_error, gateway_redis, load_settings, require_redis_url
 
 log = logging.getLogger('capacity')
 
@@ -394,12 +394,9 @@ def main(argv=None):
                         help='run CMD for each service whose need changed; {service}, {workers} and {delta} '
                              'are replaced')
     args = parser.parse_args(argv)
-    try:
+    with exit_on_settings_error():
         settings = load_settings()
-        if not settings.redis_url:
-            raise SettingsError('REDIS_URL is not set')
-    except SettingsError as error:
-        sys.exit(f'settings error: {error}')
+        require_redis_url(settings)
     connection = gateway_redis(settings)
     acted = {}
     while True:

@@ -13,6 +13,8 @@ section and the key; the programs print it as one line and stop.
 import configparser
 import os
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +293,28 @@ def _service(section, name, gateway_info, gateway_pages, base):
         info={**gateway_info, 'name': name, **info, 'version': section.text('version')},
         pages={**gateway_pages, **pages},
     )
+
+
+@contextmanager
+def exit_on_settings_error():
+    """Stop the program with one line naming what is wrong, as SPEC section 3 asks."""
+    try:
+        yield
+    except SettingsError as error:
+        sys.exit(f'settings error: {error}')
+
+
+def require_redis_url(settings):
+    """Every process but `python app.py` (which can embed a Redis) needs a Redis URL."""
+    if not settings.redis_url:
+        raise SettingsError('REDIS_URL is not set')
+
+
+def require_jwt_secret(settings, bypass_allowed=True):
+    """A gateway needs a secret to check tokens (none ships), unless authentication is off."""
+    if not settings.jwt_secret and not (bypass_allowed and settings.auth_bypass):
+        raise SettingsError('GATEWAY_JWT_SECRET is not set' + (
+            ' (or set [security] bypass = true on a closed development machine)' if bypass_allowed else ''))
 
 
 def gateway_redis(settings):

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -45,7 +44,7 @@ from rq.timeouts import JobTimeoutException
 from urllib3.util.retry import Retry as HTTPRetry
 
 from records import record_duration, uuid_key
-from settings import SettingsError, load_settings, worker_redis
+from settings import SettingsError, exit_on_settings_error, load_settings, require_redis_url, worker_redis
 
 log = logging.getLogger('worker')
 
@@ -341,8 +340,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Run an RQ worker for the given services.')
     parser.add_argument('services', nargs='+', metavar='SERVICE', help='a [service:NAME] of settings.ini')
     args = parser.parse_args(argv)
-    try:
+    with exit_on_settings_error():
         settings = current_settings()
+        require_redis_url(settings)
         unknown = [name for name in args.services if name not in settings.services]
         if unknown:
             raise SettingsError(f'unknown service {unknown[0]!r} (configured: {", ".join(settings.services)})')
@@ -353,10 +353,6 @@ def main(argv=None):
             except (ImportError, AttributeError, ValueError) as error:
                 raise SettingsError(f'[service:{service.name}] function: cannot import '
                                     f'{service.function!r}: {error}') from None
-        if not settings.redis_url:
-            raise SettingsError('REDIS_URL is not set')
-    except SettingsError as error:
-        sys.exit(f'settings error: {error}')
 
     worker_class = EmbeddedRedisWorker if os.environ.get('GATEWAY_EMBEDDED_REDIS') else GatewayWorker
     connection = worker_redis(settings)
