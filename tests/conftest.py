@@ -303,6 +303,18 @@ def wav_bytes(segments, rate=8000):
 
 # Settings of the tests -----------------------------------------------------------------------
 
+# The CANARIE fields every [gateway] section must have.
+PLATFORM = """name = Service Gateway under test
+synopsis = The gateway of the tests
+version = 9.9.9
+institution = Test institute
+releaseTime = 2026-01-02T03:04:05Z
+researchSubject = Testing
+supportEmail = tests@example.org
+category = Testing
+tags = one, two words
+"""
+
 TEST_SERVICES = """
 [service:annotator]
 version = {annotator_version}
@@ -365,16 +377,7 @@ post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?stora
     path.with_name('echo-doc.md').write_text('# Echo\n\nReturns what it **received**.\n')
     path.write_text(f"""
 [gateway]
-name = Service Gateway under test
-synopsis = The gateway of the tests
-version = 9.9.9
-institution = Test institute
-releaseTime = 2026-01-02T03:04:05Z
-researchSubject = Testing
-supportEmail = tests@example.org
-category = Testing
-tags = one, two words
-result_ttl = 600
+{PLATFORM}result_ttl = 600
 uuid_ttl = 1200
 max_content_length = 4096
 worker_ttl = 20

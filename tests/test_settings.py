@@ -7,19 +7,8 @@ import sys
 import jwt
 import pytest
 
-from conftest import ROOT
+from conftest import PLATFORM, ROOT
 from settings import SettingsError, load_settings
-
-PLATFORM = """name = Gateway
-synopsis = A gateway
-version = 1.0.0
-institution = An institute
-releaseTime = 2026-11-28T00:00:00Z
-researchSubject = Testing
-supportEmail = support@example.org
-category = Testing
-tags = a, b
-"""
 
 
 def settings_text(gateway='', service='', sections=''):
@@ -65,10 +54,10 @@ def test_environment_overrides_redis_url_and_port(tmp_path):
     (settings_text(gateway='result_ttl = 100\nuuid_ttl = 50'), r'\[gateway\] uuid_ttl: must be longer'),
     (settings_text(gateway='max_workers_total = 1', service='min_workers = 2'),
      r"\[gateway\] max_workers_total: is less than the services' min_workers added up \(2\)"),
-    (settings_text().replace('releaseTime = 2026-11-28T00:00:00Z', 'releaseTime = 2026-1-2T3:4:5Z'),
+    (settings_text().replace('releaseTime = 2026-01-02T03:04:05Z', 'releaseTime = 2026-1-2T3:4:5Z'),
      r"\[gateway\] releaseTime: '2026-1-2T3:4:5Z' is not YYYY-MM-DDThh:mm:ssZ"),
     (settings_text(service='releaseTime = yesterday'), r"\[service:annotator\] releaseTime: 'yesterday' is not"),
-    (settings_text().replace('supportEmail = support@example.org\n', ''), r'\[gateway\] supportEmail: is required'),
+    (settings_text().replace('supportEmail = tests@example.org\n', ''), r'\[gateway\] supportEmail: is required'),
     (settings_text(sections='[services:x]'), r'\[services:x\]: unknown section'),
     (f'[gateway]\n{PLATFORM}', r'no \[service:NAME\] section'),
     ('[gateway\n', r'settings.ini: '),
