@@ -19,6 +19,7 @@ import functools
 import html
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -45,7 +46,7 @@ import redis
 from bottle import HTTPError, request, response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from rq import Queue, Retry
+from rq import Queue, Retry, Worker
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -151,7 +152,8 @@ def translate_errors(route):
 
 
 def preferred_type(*offered):
-    """The offered media type the client's Accept header ranks highest (ties: first offered)."""
+    """The offered media type the client's Accept header ranks highest; at equal quality the
+    one it names rather than matches by a wildcard, then the first offered."""
     response.set_header('Vary', 'Accept')  # the answer depends on it: caches must know
     ranges = []
     for part in request.get_header('Accept', '').split(','):
@@ -162,13 +164,15 @@ def preferred_type(*offered):
         except ValueError:
             continue
 
-    def quality(kind):
+    def rank(kind):
+        """(quality, specificity) of the most specific range that matches ``kind``."""
         matches = [(2 if media == kind else 1 if media == kind.split('/')[0] + '/*' else 0, q)
                    for media, q in ranges if media in (kind, kind.split('/')[0] + '/*', '*/*')]
-        return max(matches)[1] if matches else 0
+        specificity, q = max(matches) if matches else (0, 0)
+        return q, specificity
 
-    best = max(offered, key=lambda kind: (quality(kind), -offered.index(kind)))
-    return best if quality(best) > 0 else offered[0]
+    best = max(offered, key=lambda kind: (*rank(kind), -offered.index(kind)))
+    return best if rank(best)[0] > 0 else offered[0]
 
 
 def serialize(document, kind, root):
@@ -273,7 +277,7 @@ def job_state(service, uuid, job):
         state = PHASES.get(meta.get('phase'), 'RECEIVED')
         worker = meta.get('worker')
         result = (dict(current=meta['progress'], total=100, **worker,
-                       eta=progress_eta(job, meta['progress'])) if state == 'PROGRESS'
+                       eta=progress_eta(meta)) if state == 'PROGRESS'
                   else worker if state == 'STORING' else None)
         if state == 'PROGRESS' and worker['worker_id_version'] != service.version:
             raise GatewayError(204, f'worker version {worker["worker_id_version"]!r} does not match service '
@@ -300,12 +304,15 @@ def place_in_queue(service, job):
     return {'position': position, 'eta': round(ahead * figures.mean_duration / figures.workers, 1)}
 
 
-def progress_eta(job, current):
-    """Seconds until a job in PROGRESS completes, if it keeps the pace it had since RQ started
-    it; None before any progress."""
-    if not current:
+def progress_eta(meta):
+    """Seconds until a job in PROGRESS completes, if it keeps the pace it had since its first
+    progress report (not since it started: a download or a slow set-up would skew it); None
+    until progress has moved past that first report."""
+    since, first = meta.get('progress_from') or (None, None)
+    current = meta['progress']
+    if since is None or current <= first:
         return None
-    return round((datetime.now(timezone.utc) - job.started_at).total_seconds() * (100 - current) / current, 1)
+    return round(max(0.0, time.time() - since) * (100 - current) / (current - first), 1)
 
 
 def abandoned_failure(job):
@@ -393,13 +400,40 @@ def last_value(fields, name):
     return value[-1] if isinstance(value, list) else value
 
 
+MAX_JSON_DEPTH = 100  # deeper, RQ could not pickle the job (Python's recursion limit)
+
+
+def finite_number(text):
+    """A JSON number as a float. NaN, Infinity and numbers beyond a float's range, which
+    Python's json would take, are refused: the job must be JSON all the way."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f'{text} is not a finite number')
+    return number
+
+
+def json_depth(document):
+    """How deeply ``document`` nests, counted level by level (no recursion)."""
+    depth, level = 0, [document]
+    while level:
+        depth += 1
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+    return depth
+
+
 def json_body():
     """The request body parsed as a JSON object (an empty body is an empty object)."""
     body = request_body()
+    too_deep = GatewayError(210, f'body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels')
     try:
-        document = json.loads(body) if body.strip() else {}
+        document = json.loads(body, parse_float=finite_number, parse_constant=finite_number) if body.strip() else {}
     except (ValueError, UnicodeError) as error:
         raise GatewayError(210, f'body is not valid JSON: {error}') from None
+    except RecursionError:
+        raise too_deep from None
+    if json_depth(document) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(document, dict):
         raise GatewayError(210, 'body must be a JSON object')
     return document
@@ -440,7 +474,9 @@ def annotate_request(storage_doc_id):
     """The reserved fields and the service's ``misc`` of an ``annotate`` form (and query)."""
     request_body()
     fields = fields_of(request.query, request.forms)
-    doc_url, ann_doc_id, callback_url, storage_field = (last_value(fields, name) for name in RESERVED_FIELDS)
+    # An empty field is an absent one, as an HTML form sends the fields left blank.
+    doc_url, ann_doc_id, callback_url, storage_field = (last_value(fields, name) or None
+                                                        for name in RESERVED_FIELDS)
     misc = {}
     for name, value in fields.items():
         if match := STORAGE_ID.match(name):
@@ -456,7 +492,8 @@ def process_request(storage_doc_id):
     body = json_body()
     query = fields_of(request.query)
     doc_url, ann_doc_id, callback_url, storage_field = (
-        body.get(name) if body.get(name) is not None else last_value(query, name) for name in RESERVED_FIELDS)
+        body.get(name) if body.get(name) not in (None, '') else last_value(query, name) or None
+        for name in RESERVED_FIELDS)
     return document_url(doc_url, storage_doc_id or storage_field), ann_doc_id, callback_url, body
 
 
@@ -535,10 +572,11 @@ SCHEMAS = {
     'Fields': {'type': 'object', 'additionalProperties': True, 'properties': {
         'doc_url': {'type': 'string', 'format': 'uri'}, 'ann_doc_id': {'type': 'string'},
         'callback_url': {'type': 'string', 'format': 'uri'}, 'storage_doc_id': {'type': 'string'}}},
-    'Info': {'type': 'object', 'required': list(CANARIE_FIELDS), 'properties': {
+    'Info': {'type': 'object', 'required': list(CANARIE_FIELDS), 'additionalProperties': False, 'properties': {
         **{key: {'type': 'string'} for key in CANARIE_FIELDS}, 'tags': {'type': 'array', 'items': {'type': 'string'}},
         'activeWorkers': {'type': 'integer', 'description': 'services only'}}},
-    'Stats': {'type': 'object', 'required': ['invocations', 'lastReset'], 'properties': {
+    'Stats': {'type': 'object', 'required': ['invocations', 'lastReset'], 'additionalProperties': False,
+              'properties': {
         'invocations': {'type': 'integer'}, 'lastReset': {'type': 'string', 'format': 'date-time'}}},
 }
 
@@ -556,13 +594,14 @@ def query_parameter(name, description, required=False, **schema):
             'schema': {'type': 'string', **schema}}
 
 
-def described(summary, responses, query=(), body=None, secured=False):
+def described(summary, responses, query=(), body=None, secured=False, head=True):
     """Attach a route's OpenAPI operation to it: ``query`` its query parameters, ``body`` its
-    request body. A GET route is described for HEAD as well, which bottle answers for it."""
+    request body. A GET route is described for HEAD as well, which bottle answers for it,
+    unless ``head`` is false (the route refuses HEAD)."""
 
     def attach(route):
         route.openapi = {'summary': summary, 'responses': responses, 'secured': secured, 'query': list(query),
-                         'body': body}
+                         'body': body, 'head': head}
         return route
 
     return attach
@@ -588,7 +627,7 @@ def openapi_document():
         if operation['secured']:
             entry['security'] = [{'jwt': []}]
         paths.setdefault(path, {})[route.method.lower()] = entry
-        if route.method == 'GET':
+        if route.method == 'GET' and operation['head']:
             paths[path]['head'] = dict(entry, operationId=entry['operationId'] + '_head', responses={
                 code: {'description': answer['description']} for code, answer in entry['responses'].items()})
     return {
@@ -656,9 +695,11 @@ def status(service_name):
 
 @app.route('/<service_name>/cancel', method=['GET', 'POST'])
 @described('Cancel a job, then answer its state', {**JOB_STATE, **errors(400, 401, 404, 500, 503)},
-           query=UUID_QUERY, secured=True)
+           query=UUID_QUERY, secured=True, head=False)
 def cancel(service_name):
     service = service_named(service_name)
+    if request.method == 'HEAD':  # bottle would run the GET route, and a HEAD must change nothing
+        raise HTTPError(405, 'cancel takes GET or POST', Allow='GET, POST')
     require_token()
     uuid = requested_uuid(service)
     job = owned_job(service, uuid)
@@ -751,7 +792,8 @@ def service_page(service_name, page):
 
 # Monitoring -------------------------------------------------------------------------------
 
-COUNTED_STATES = ('queued', 'running', 'failed', 'finished')
+# The state label: RQ's names for its queue and registries; the figure field it is read from.
+COUNTED_STATES = {'queued': 'queued', 'started': 'running', 'failed': 'failed', 'finished': 'finished'}
 
 
 class GatewayCollector:
@@ -773,8 +815,8 @@ class GatewayCollector:
                                    labels=['service'])
         for name, count in plan(loads, settings.max_workers_total).items():
             figure = figures[name]
-            for state in COUNTED_STATES:
-                jobs.add_metric([name, state], getattr(figure, state))
+            for state, field in COUNTED_STATES.items():
+                jobs.add_metric([name, state], getattr(figure, field))
             workers.add_metric([name], figure.workers)
             busy.add_metric([name], figure.busy)
             submissions.add_metric([name], submitted.get(name, 0))
@@ -848,17 +890,20 @@ def run_embedded():
     workdir = tempfile.mkdtemp(prefix='gateway-embedded-')
     env = dict(os.environ, REDIS_URL=redis_url, GATEWAY_JWT_SECRET=secret, GATEWAY_EMBEDDED_REDIS='1',
                GATEWAY_SETTINGS=str(embedded_settings(workdir, storage_base)))
+    base = f'http://127.0.0.1:{settings.port}'
+    # Said before the children start, so that it is the first line whatever they log.
+    print(f'Embedded mode: in-memory Redis (fakeredis) at {redis_url}, {len(settings.services)} worker(s) '
+          f'({", ".join(settings.services)}), gateway on {base}; Ctrl-C stops everything.', flush=True)
     children = [subprocess.Popen([sys.executable, str(HERE / 'app.py')], env=env)]
     children += [subprocess.Popen([sys.executable, str(HERE / 'worker.py'), name], env=env)
                  for name in settings.services]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         wait_for_port(settings.port, children[0])
-        base = f'http://127.0.0.1:{settings.port}'
+        with redis.Redis.from_url(redis_url) as connection:
+            wait_for_workers(connection, len(settings.services), children)
         service = next(iter(settings.services))
-        print(f'Embedded mode: in-memory Redis (fakeredis) at {redis_url}, {len(settings.services)} worker(s) '
-              f'({", ".join(settings.services)}), gateway on {base}; Ctrl-C stops everything.\n'
-              f'Try it (the token is valid for {settings.jwt_ttl} s):\n\n'
+        print(f'\nTry it (the token is valid for {settings.jwt_ttl} s):\n\n'
               f'  curl {base}/{service}/annotate --data-urlencode doc_url={storage_base}/hello.wav '
               f'--header "Authorization: Bearer {make_token(secret, settings.jwt_ttl)}"\n'
               f'  curl "{base}/{service}/status?uuid=<the uuid it answered>"\n', flush=True)
@@ -944,6 +989,19 @@ def wait_for_port(port, process, timeout=30):
         except OSError:
             time.sleep(0.1)
     sys.exit(f'the gateway did not start on port {port}')
+
+
+def wait_for_workers(connection, count, children, timeout=30):
+    """Wait until ``count`` workers listen on their queues, so that the curl command comes
+    after what they log as they start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            sys.exit('a process of the embedded gateway did not start; see its messages above')
+        workers = Worker.all(connection=connection)
+        if len(workers) >= count and all(worker.state == 'idle' for worker in workers):
+            return
+        time.sleep(0.1)
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -33,6 +34,14 @@ CANARIE_PAGES = ('doc', 'releasenotes', 'support', 'source', 'tryme', 'licence',
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names its section and key."""
+
+
+def is_release_time(text):
+    """Whether ``text`` is a real time in CANARIE's UTC format."""
+    try:
+        return bool(RELEASE_TIME.fullmatch(text)) and bool(datetime.strptime(text, '%Y-%m-%dT%H:%M:%SZ'))
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,7 @@ class _Section:
         """The CANARIE info fields and pages of this section (page paths relative to ``base``);
         the info fields are ``required`` of the gateway, a service has the gateway's by default."""
         info = {key: self.text(key) for key in CANARIE_FIELDS if required or self.values.get(key.lower(), '').strip()}
-        if 'releaseTime' in info and not RELEASE_TIME.fullmatch(info['releaseTime']):
+        if 'releaseTime' in info and not is_release_time(info['releaseTime']):
             self.fail('releaseTime', f'{info["releaseTime"]!r} is not YYYY-MM-DDThh:mm:ssZ (UTC)')
         if 'tags' in info:
             info['tags'] = [tag.strip() for tag in info['tags'].split(',') if tag.strip()]
@@ -173,7 +182,11 @@ class _Section:
         if re.match(r'^https?://', value):
             return Page('redirect', value)
         text, _, status = value.rpartition(',')
-        if re.fullmatch(r'\s*[1-5]\d\d\s*', status) and text:
+        if re.fullmatch(r'\s*\d+\s*', status) and text:
+            # A status that carries no text (1xx, 204, 304) could not answer with it.
+            if not 200 <= int(status) <= 599 or int(status) in (204, 205, 304):
+                self.fail(key, f'{value!r}: the status of a "text,status" page must be 200-599, '
+                               f'and not 204, 205 or 304')
             return Page('text', text.strip(), int(status))
         path = Path(base, value)
         if not path.is_file():

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
-from rq import Worker, get_current_job
+from rq import Queue, Worker, get_current_job
 from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 from urllib3.util.retry import Retry as HTTPRetry
@@ -65,7 +65,8 @@ def service_function(dotted_path):
 class ServiceError(Exception):
     """A job failure with its code (SPEC section 6), shown in the FAILURE result.
 
-    Raise it from a service with ``code=600`` or above for errors of the service's own.
+    Raise it from a service with ``code=600`` or above for errors of the service's own;
+    lower codes are the gateway's, raised by the subclasses that follow.
     """
 
     code = 306
@@ -73,6 +74,8 @@ class ServiceError(Exception):
     def __init__(self, message, code=None):
         super().__init__(message)
         if code is not None:
+            if not isinstance(code, int) or isinstance(code, bool) or code < 600:
+                raise ValueError(f"a service's own error codes start at 600, not {code!r}")
             self.code = code
 
 
@@ -138,7 +141,9 @@ class Request:
         if self._document is None:
             if not self.url:
                 raise DownloadError('this request has no document URL')
-            save_meta(self._job, phase='received')  # SPEC: RECEIVED while the document downloads
+            # SPEC: RECEIVED while the document downloads, unless the service reported progress.
+            if self._job.meta.get('phase') == 'started':
+                save_meta(self._job, phase='received')
             directory = job_directory(self.uuid)
             shutil.rmtree(directory, ignore_errors=True)  # left by an attempt whose worker died
             try:
@@ -146,7 +151,8 @@ class Request:
             except OSError as error:
                 raise DownloadError(f'cannot make the download directory: {error}') from None
             self._document = download(self.url, directory, self._max_document_size, self._download_timeout)
-            save_meta(self._job, phase='started')
+            if self._job.meta.get('phase') == 'received':
+                save_meta(self._job, phase='started')
         return self._document
 
     def set_progress(self, current):
@@ -155,7 +161,10 @@ class Request:
             raise TypeError(f'progress must be an int, not {type(current).__name__}')
         if not 0 <= current <= 100:
             raise ValueError(f'progress must be between 0 and 100, not {current}')
-        save_meta(self._job, phase='progress', progress=current)
+        values = {'phase': 'progress', 'progress': current}
+        if self._job.meta.get('progress_from') is None:  # the gateway's ETA counts the pace from here
+            values['progress_from'] = [time.time(), current]
+        save_meta(self._job, **values)
 
 
 def job_directory(uuid):
@@ -178,9 +187,10 @@ def utc_now():
 
 def http_session(retries):
     """A requests session that retries connection failures, timeouts and 502/503/504
-    (urllib3's Retry, with 0.5 s, 1 s, 2 s ... between attempts)."""
+    (urllib3's Retry: the first retry at once, then 1 s, 2 s, 4 s ... apart, whatever a
+    Retry-After header asks, which could hold the worker for hours)."""
     session = requests.Session()
-    retry = HTTPRetry(total=retries, backoff_factor=0.5, allowed_methods=None,
+    retry = HTTPRetry(total=retries, backoff_factor=0.5, allowed_methods=None, respect_retry_after_header=False,
                       status_forcelist=(502, 503, 504), raise_on_status=False)
     session.mount('http://', HTTPAdapter(max_retries=retry))
     session.mount('https://', HTTPAdapter(max_retries=retry))
@@ -198,9 +208,13 @@ def download(url, directory, max_size, timeout):
     path = Path(directory, 'document' + (suffix if re.fullmatch(r'\.[A-Za-z0-9]{1,10}', suffix) else ''))
     deadline = time.monotonic() + timeout
     too_large = DownloadError(f'document larger than the service accepts ({max_size} bytes)')
+    # Three attempts, each connecting and getting the headers within a third of the time
+    # limit, fit in it (plus urllib3's 1 s back-off); each read of the body then waits as
+    # long at most, so that the deadline is checked even on a trickle.
+    attempt_timeout = urllib3.Timeout(total=min(timeout / 3, 10))
     try:
-        # Each read waits at most 10 s, so that the deadline is checked even on a trickle.
-        with http_session(retries=2) as session, session.get(url, stream=True, timeout=min(timeout, 10)) as response:
+        with http_session(retries=2) as session, \
+                session.get(url, stream=True, timeout=attempt_timeout) as response:
             if response.status_code >= 400:
                 raise DownloadError(f'document download failed: HTTP {response.status_code} from {url}')
             if int(response.headers.get('Content-Length') or 0) > max_size:
@@ -255,16 +269,18 @@ def perform_request(message):
     service = current_settings().services[message['service']['type']]
     request = Request(job, message, service)
     try:
-        save_meta(job, phase='started', progress=None, failure=None, worker={
+        save_meta(job, phase='started', progress=None, progress_from=None, failure=None, worker={
             'worker_id_version': service.version, 'start_time': utc_now(),
             'host': socket.gethostname(), 'type': service.name})
         annotations = service_function(service.function)(request)
-        try:
-            json.dumps(annotations, allow_nan=False)
-        except (TypeError, ValueError) as error:
-            raise AnnotationFormatError(f'annotations are not JSON: {error}') from None
         if not isinstance(annotations, list):
             raise AnnotationFormatError(f'annotations must be a list, not {type(annotations).__name__}')
+        try:
+            # Plain JSON values from here on: RQ pickles the result, and the gateway could not
+            # unpickle a subclass of the service's (a numpy float, say).
+            annotations = json.loads(json.dumps(annotations, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as error:
+            raise AnnotationFormatError(f'annotations are not JSON: {error}') from None
         store_url = message['annotation_service']['url']
         if store_url:
             save_meta(job, phase='storing')
@@ -272,7 +288,7 @@ def perform_request(message):
             store_annotations(store_url, annotations, settings.storage_timeout, settings.storage_retries)
         return annotations
     except Exception as error:
-        save_meta(job, phase='failed', failure=failure_of(error, service))
+        save_meta(job, failure=failure_of(error, service))
         raise
 
 
@@ -301,9 +317,11 @@ class GatewayWorker(Worker):
             # The work horse died (killed, out of memory, stopped) and this process holds the
             # job as it was dequeued: reload what the horse recorded, which RQ saves back.
             job.get_meta(refresh=True)
-            if job.meta.get('phase') != 'failed':
-                save_meta(job, phase='failed', failure={
+            if not job.meta.get('failure'):
+                save_meta(job, failure={
                     'code': 306, 'message': f'the service process ended unexpectedly: {exc_string.strip()}'})
+        if job.should_retry:  # the next attempt must not show this one's progress before its own
+            save_meta(job, phase=None, progress=None, progress_from=None)
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         status = {JobStatus.FAILED: 'FAILURE', JobStatus.STOPPED: 'REVOKED'}.get(job.get_status(refresh=True))
         if status:  # otherwise RQ has scheduled a retry
@@ -361,6 +379,9 @@ def main(argv=None):
     # that the gateway counts a worker as live while its last heartbeat is under worker_ttl old.
     worker = worker_class(queues, connection=connection, worker_ttl=settings.worker_ttl,
                           job_monitoring_interval=min(30, settings.worker_ttl // 2))
+    # RQ lists a queue (for rq-dashboard, `rq info`) once a job is put on it; list the worker's
+    # queues from its start, so that operators see an idle service too.
+    connection.sadd(Queue.redis_queues_keys, *(queue.key for queue in worker.queues))
     worker.work(with_scheduler=True, logging_level=os.environ.get('LOG_LEVEL', 'INFO'))
 
 

@@ -171,10 +171,12 @@ class Web:
     def __init__(self):
         self.documents = {}   # name: bytes served at /docs/<name>
         self.held = {}        # name: threading.Event; the document is served once it is set
-        self.trickled = set()  # names of documents sent one byte every 0.2 s
+        self.trickled = set()  # names of documents sent one byte every 0.05 s
         self.stored = []      # (ann_doc_id, body) posted to the store
         self.callbacks = []   # bodies posted to /callback
         self.store_status = 200
+        self.store_stalls = 0  # how many of the next posts to the store get no answer (until reset)
+        self.unstalled = threading.Event()
         self.server = self._serve(('127.0.0.1', 0), self._documents_and_callbacks)
         self.store_port = free_port()
         self.store = None
@@ -210,6 +212,9 @@ class Web:
         self.stored.clear()
         self.callbacks.clear()
         self.store_status = 200
+        self.store_stalls = 0
+        self.unstalled.set()
+        self.unstalled = threading.Event()
 
     def wait_for_callbacks(self, count, timeout=15):
         return wait_until(lambda: len(self.callbacks) >= count and self.callbacks, timeout,
@@ -235,6 +240,9 @@ class Web:
         if handler.command != 'POST' or len(parts) != 4 or parts[1] != 'document':
             return 404, b'not found'
         self.stored.append((parts[2], json.loads(handler.body)))
+        if self.store_stalls:
+            self.store_stalls -= 1
+            self.unstalled.wait(timeout=30)
         return self.store_status, b'{}'
 
     @staticmethod
@@ -255,14 +263,14 @@ class Web:
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                self.end_headers()  # a trickle: one piece every 0.2 s, until the client gives up
+                self.end_headers()  # a trickle: one piece every 0.05 s, until the client gives up
                 for piece in body:
                     try:
                         self.wfile.write(piece)
                         self.wfile.flush()
                     except OSError:
                         return
-                    time.sleep(0.2)
+                    time.sleep(0.05)
 
             def log_message(self, *args):
                 pass
@@ -343,6 +351,15 @@ download_timeout = 1
 [service:downloader]
 version = 1.0.0
 function = tests.example_services.download_then_sleep
+[service:stepper]
+version = 1.0.0
+function = tests.example_services.progress_in_steps
+[service:eager]
+version = 1.0.0
+function = tests.example_services.report_then_download
+[service:typed]
+version = 1.0.0
+function = tests.example_services.own_number_type
 [service:custom]
 version = 1.0.0
 function = tests.example_services.custom_failure

@@ -52,14 +52,45 @@ def download_then_sleep(request):
     return sleep_until_cancelled(request)
 
 
+def progress_in_steps(request):
+    """Download the document, report 10 %, then 20 % once the file misc["release"] exists,
+    then run until cancelled (a minute at most)."""
+    assert request.document  # downloads it
+    request.set_progress(10)
+    release = Path(request.misc['release'])
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    request.set_progress(20)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return []
+
+
+def report_then_download(request):
+    """Report progress, then download the document: the job stays in PROGRESS meanwhile."""
+    request.set_progress(5)
+    return document_size(request)
+
+
+def own_number_type(request):
+    """Return a float of a class of its own, which no other process could import."""
+    class Level(float):
+        pass
+
+    return [{'@id': request.uuid, 'level': Level(0.5)}]
+
+
 def custom_failure(request):
     raise ServiceError('no speech found', code=601)
 
 
 def fail_once(request):
-    """Fail the first attempt: the marker file named by misc["marker"] records that it happened."""
+    """Fail the first attempt, half-way through: the marker file named by misc["marker"]
+    records that it happened."""
     marker = Path(request.misc['marker'])
     if not marker.exists():
+        request.set_progress(50)
         marker.write_text('failed once')
         raise ConnectionError('the first attempt fails')
     return [{'@id': request.uuid, 'attempt': 2}]

@@ -33,12 +33,21 @@ REFUSED = {
 }
 
 
+# Each route that needs a token: its path and what it is sent.
+GUARDED = {
+    'annotate': ('annotate', {'data': {'doc_url': 'http://127.0.0.1:9/a.wav'}}),
+    'process': ('process', {'json': {'doc_url': 'http://127.0.0.1:9/a.wav'}}),
+    'cancel': ('cancel', {'params': {'uuid': '00000000-0000-4000-8000-000000000000'}}),
+}
+
+
+@pytest.mark.parametrize('route', GUARDED)
 @pytest.mark.parametrize('case', REFUSED)
-def test_submission_without_a_valid_token_is_refused_with_208(gateway, case):
+def test_request_without_a_valid_token_is_refused_with_208(gateway, case, route):
     header, reason = REFUSED[case]
+    path, body = GUARDED[route]
     headers = {'Authorization': header()} if header() is not None else {}
-    answer = requests.post(f'{gateway.url}/echo/annotate', data={'doc_url': 'http://127.0.0.1:9/a.wav'},
-                           headers=headers, timeout=10)
+    answer = requests.post(f'{gateway.url}/echo/{path}', headers=headers, timeout=10, **body)
     assert answer.status_code == 401
     assert answer.json()['vesta']['code'] == 208
     assert re.search(reason, answer.json()['vesta']['message']), answer.json()

@@ -55,6 +55,15 @@ def test_info_and_stats_are_html_unless_json_is_asked_for(gateway, accept, page)
     assert '<table' in answer.text
 
 
+@pytest.mark.parametrize('accept', ['application/json', 'application/json, */*',
+                                    'application/json, text/plain, */*', 'text/html;q=0.5, application/json'])
+@pytest.mark.parametrize('page', ['info', 'stats'])
+def test_info_and_stats_are_json_when_json_is_named(gateway, accept, page):
+    answer = get(gateway, f'/{page}', headers={'Accept': accept})
+    assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('application/json')
+    assert answer.json()
+
+
 def test_stats_count_submissions_per_service_and_in_total(gateway, redis_db, start_worker):
     start_worker('echo', 'crash')
     for service in ('echo', 'echo', 'crash'):
@@ -127,10 +136,13 @@ def test_service_without_a_page_of_its_own_has_the_gateways(gateway):
     assert get(gateway, '/crash/doc').headers['Location'] == 'https://example.org/gateway-doc'
 
 
+@pytest.mark.parametrize('prefix', ['', '/echo', '/echo/service'])
 @pytest.mark.parametrize('page', PAGES)
-def test_every_page_answers_head_as_it_answers_get(gateway, page):
-    head = requests.head(f'{gateway.url}/echo/{page}', timeout=10, allow_redirects=False)
-    got = get(gateway, f'/echo/{page}')
+def test_every_page_answers_head_as_it_answers_get(gateway, start_worker, page, prefix):
+    if prefix and page == 'stats':
+        start_worker('echo')  # a service no live worker runs answers stats with 503
+    head = requests.head(f'{gateway.url}{prefix}/{page}', timeout=10, allow_redirects=False)
+    got = get(gateway, f'{prefix}/{page}')
     assert head.status_code == got.status_code
     assert {key: head.headers.get(key) for key in ('Content-Type', 'Location')} == {
         key: got.headers.get(key) for key in ('Content-Type', 'Location')}

@@ -64,6 +64,14 @@ def test_cancel_accepts_get(gateway):
     assert answer.status_code == 200 and answer.json()['status'] == 'REVOKED'
 
 
+def test_head_of_cancel_is_refused_and_cancels_nothing(gateway):
+    uuid = gateway.submitted('sleeper', doc_url='http://127.0.0.1:9/a.wav')
+    answer = requests.head(f'{gateway.url}/sleeper/cancel', params={'uuid': uuid},
+                           headers={'Authorization': token()}, timeout=10)
+    assert answer.status_code == 405 and answer.headers['Allow'] == 'GET, POST'
+    assert gateway.state('sleeper', uuid)['status'] == 'PENDING'
+
+
 def test_callback_tells_revoked_for_a_job_cancelled_before_start(gateway, web, start_worker):
     uuid = gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav', callback_url=web.url('/callback'))
     gateway.cancel('echo', uuid)

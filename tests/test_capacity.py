@@ -3,14 +3,15 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from capacity import ServiceLoad, load_of, notes, read_figures
-from conftest import ROOT, process_env, wait_until
-from records import record_duration
+from capacity import ServiceLoad, load_of, notes, plan, read_figures
+from conftest import ROOT, Gateway, process_env, run_gateway, stop, wait_until, write_settings
+from records import record_duration, record_submission
 from settings import load_settings
 
 
@@ -28,10 +29,73 @@ def record_durations(redis_db, service, *seconds):
         pipe.execute()
 
 
+def submit_waiting(gateway, service, count):
+    """``count`` jobs of ``service`` submitted just now (the tests start no worker for them)."""
+    return [gateway.submitted(service, doc_url='http://127.0.0.1:9/a.wav') for _ in range(count)]
+
+
+def workers_needed(url):
+    """The gauge gateway_workers_needed of the gateway at ``url``, by service."""
+    text = requests.get(f'{url}/metrics', timeout=10).text
+    return {sample.labels['service']: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == 'gateway_workers_needed'}
+
+
+def settings_with(path, web, gateway='', **services):
+    """The tests' settings with ``gateway`` lines added to [gateway], and each keyword's lines
+    to the section of the service it names."""
+    text = write_settings(path, web).read_text().replace('[gateway]\n', f'[gateway]\n{gateway}', 1)
+    for service, lines in services.items():
+        assert f'[service:{service}]\n' in text, service
+        text = text.replace(f'[service:{service}]\n', f'[service:{service}]\n{lines}', 1)
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def five_waiting(gateway, redis_db):
     """Five echo jobs submitted just now, with no echo worker."""
-    return [gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav') for _ in range(5)]
+    return submit_waiting(gateway, 'echo', 5)
+
+
+SHORT_WAIT = 'target_wait = 60\nstart_delay = 30\n'
+
+
+@pytest.fixture(scope='module')
+def short_wait_settings(tmp_path_factory, web_server):
+    """The tests' settings, but 4 workers at most in all, and echo and crash jobs to start
+    within 60 s on workers that take 30 s to start (expected_duration stays 60 s)."""
+    return settings_with(tmp_path_factory.mktemp('short-wait') / 'settings.ini', web_server,
+                         gateway='max_workers_total = 4\n', echo=SHORT_WAIT, crash=SHORT_WAIT)
+
+
+@pytest.fixture(scope='module')
+def short_wait_url(short_wait_settings, redis_server):
+    """A gateway running on ``short_wait_settings``."""
+    process, url = run_gateway(short_wait_settings, redis_server)
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def short_wait_gateway(short_wait_url, redis_db):
+    return Gateway(short_wait_url)
+
+
+@pytest.fixture
+def over_the_total(short_wait_gateway):
+    """7 echo and 3 crash jobs submitted just now, with no worker: needs of 5 and 2, over the total of 4."""
+    submit_waiting(short_wait_gateway, 'echo', 7)
+    submit_waiting(short_wait_gateway, 'crash', 3)
+
+
+@pytest.fixture
+def echo_quiet_lately(redis_db):
+    """echo: one submission 10 minutes ago and none since, two finished jobs (10 s and 20 s), no queue."""
+    with redis_db.pipeline() as pipe:
+        record_submission(pipe, 'echo', now=time.time() - 600)
+        pipe.execute()
+    record_durations(redis_db, 'echo', 10, 20)
 
 
 def test_loads_read_queue_workers_rate_and_durations(settings_file, gateway, start_worker, five_waiting,
@@ -65,10 +129,42 @@ def test_json_gives_each_services_figures_and_need(settings_file, redis_server, 
 
 
 def test_duration_history_replaces_expected_duration(settings_file, redis_server, redis_db, five_waiting):
-    record_durations(redis_db, 'echo', 10, 20)
+    record_durations(redis_db, 'echo', 100, 140)
     echo = next(row for row in json.loads(capacity(settings_file, redis_server, '--json')) if row['service'] == 'echo')
-    # D = 15: steady = rate * 15 / 0.7 < 0.36; backlog = 5 / (1 + 270 / 15) = 0.26; need 1
-    assert (echo['mean_seconds'], echo['needed'], echo['notes']) == (15.0, 1, [])
+    # D = 120, T = 300, R = 30: backlog = 5 / (1 + 270 / 120) = 1.54 -> 2 (expected_duration 60: 5 / 5.5 -> 1)
+    # steady: the 5 queued take the whole rate, present = 0; rate * 120 * (1/0.7 - 1) <= 5/300 * 51.4 = 0.86
+    assert (echo['mean_seconds'], echo['needed'], echo['notes']) == (120.0, 2, [])
+
+
+def test_queue_needs_the_workers_that_start_it_within_target_wait(short_wait_settings, redis_server, redis_db,
+                                                                  short_wait_gateway):
+    record_durations(redis_db, 'echo', 10, 20)
+    submit_waiting(short_wait_gateway, 'echo', 8)
+    echo = next(row for row in json.loads(capacity(short_wait_settings, redis_server, '--json'))
+                if row['service'] == 'echo')
+    # D = 15 (p90 19), T = 60, R = 30, no busy worker: a new worker starts 1 + (60 - 30) / 15 = 3 jobs
+    # within T; backlog = 8 / 3 = 2.67 -> 3, within max_workers_total 4. Steady: the 8 queued take the
+    # whole rate, present = 0; rate * 15 * (1/0.7 - 1) <= 8/300 * 6.4 = 0.17.
+    # Wrong readings: R left out, 8 / (1 + 60 / 15) = 1.6 -> 2; no first job at R, 8 * 15 / 30 = 4;
+    # p90, 8 / (1 + 30 / 19) = 3.1 -> 4; expected_duration 60, 8 / 1.5 = 5.33 -> 6 (4 within the total)
+    assert (echo['queued'], echo['mean_seconds'], echo['needed'], echo['delta']) == (8, 15.0, 3, 3)
+
+
+def test_plan_shares_max_workers_total_by_need(short_wait_settings, redis_db, over_the_total):
+    settings = load_settings(short_wait_settings, {})
+    loads = {name: load_of(settings.services[name], figures)
+             for name, figures in read_figures(redis_db, settings).items()}
+    # D = 60 (no history), T = 60, R = 30: a new worker starts 1 + 30 / 60 = 1.5 jobs within T
+    # echo 7 / 1.5 = 4.67 -> 5, crash 3 / 1.5 = 2 (steady <= 7/300 * 60 * (1/0.7 - 1) = 0.6); others 0
+    # 5 + 2 > 4: floors 0, shares 4 * 5/7 = 2.86 and 4 * 2/7 = 1.14 -> 2 and 1, the one left to echo (.86 > .14)
+    assert plan(loads, settings.max_workers_total) == {**dict.fromkeys(settings.services, 0), 'echo': 3, 'crash': 1}
+
+
+def test_metrics_publish_the_needs_shared_within_max_workers_total(short_wait_settings, short_wait_url,
+                                                                   over_the_total):
+    # as planned above: echo 5 and crash 2 share the total of 4 as 3 and 1
+    services = load_settings(short_wait_settings, {}).services
+    assert workers_needed(short_wait_url) == {**dict.fromkeys(services, 0), 'echo': 3, 'crash': 1}
 
 
 def test_table_has_a_row_per_service(settings_file, redis_server, five_waiting):
@@ -81,6 +177,21 @@ def test_table_has_a_row_per_service(settings_file, redis_server, five_waiting):
     assert (queued, running, workers, busy, mean, needed, delta) == ('5', '0', '0', '0', '-', '1', '+1')
     assert 0.83 <= float(rate) <= 1  # per minute, rounded to 0.01
     assert 'echo: no duration history yet: assuming expected_duration 60 s' in lines
+
+
+def test_table_shows_a_dash_for_the_rate_of_a_service_without_recent_submissions(settings_file, redis_server,
+                                                                                 echo_quiet_lately):
+    lines = capacity(settings_file, redis_server).splitlines()
+    # service, queued, running, workers, busy, rate/min, mean s, needed, delta
+    assert next(line.split() for line in lines if line.split()[0] == 'echo') == [
+        'echo', '0', '0', '0', '0', '-', '15.0', '0', '+0']
+
+
+def test_note_says_when_a_service_had_no_submissions_in_the_last_minutes(settings_file, redis_server,
+                                                                         echo_quiet_lately):
+    lines = capacity(settings_file, redis_server).splitlines()
+    # the submission 10 minutes ago is outside the 5-minute window; durations are known, so that is the only note
+    assert [line for line in lines if line.startswith('echo:')] == ['echo: no submissions in the last 5 minutes']
 
 
 def test_heroku_scales_each_procfile_process_to_its_services_needs(settings_file, redis_server, five_waiting,
@@ -115,12 +226,26 @@ def test_watch_acts_once_per_change_of_need(settings_file, redis_server, five_wa
     assert log.read_text().splitlines() == ['echo 1']
 
 
+def test_watch_adds_its_period_to_start_delay(settings_file, redis_server, five_waiting, tmp_path):
+    evaluations = tmp_path / 'evaluations'
+    with open(evaluations, 'w') as output:
+        process = subprocess.Popen([sys.executable, 'capacity.py', '--json', '--watch', '240'], cwd=ROOT,
+                                   env=process_env(settings_file, redis_server), stdout=output)
+        try:  # the first evaluation is printed at once, the next one 240 s later
+            wait_until(lambda: evaluations.read_text().endswith('\n'), message='the first evaluation')
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    first = json.loads(evaluations.read_text().splitlines()[0])
+    # T = 300, D = 60 (no history), 5 queued, no worker; R = start_delay 30 + the period 240 = 270:
+    # a new worker starts 1 + (300 - 270) / 60 = 1.5 jobs within T; 5 / 1.5 = 3.33 -> 4
+    # (R without the period: 5 / (1 + 270 / 60) = 0.91 -> 1; with it twice, 510 >= T: 5 / 1 = 5)
+    assert next(row['needed'] for row in first if row['service'] == 'echo') == 4
+
+
 def test_metrics_publish_the_same_needs(settings_file, redis_server, gateway, five_waiting):
     needed = {row['service']: row['needed'] for row in json.loads(capacity(settings_file, redis_server, '--json'))}
-    text = requests.get(f'{gateway.url}/metrics', timeout=10).text
-    scraped = {sample.labels['service']: sample.value for family in text_string_to_metric_families(text)
-               for sample in family.samples if sample.name == 'gateway_workers_needed'}
-    assert scraped == needed
+    assert workers_needed(gateway.url) == needed
 
 
 def test_capacity_without_redis_url_says_so(settings_file, redis_server):
@@ -159,7 +284,8 @@ def test_note_401_when_the_minimum_holds_more_workers_than_needed():
 
 
 def test_no_note_401_when_the_need_is_the_minimum_anyway():
-    assert not any(note.startswith('code 401') for note in notes(idle_load(workers=3), 0))
+    # T = 60, D = 60, R = 0: backlog = 4 / (1 + 60 / 60) = 2, the minimum
+    assert not any(note.startswith('code 401') for note in notes(idle_load(queued=4, min_workers=2), 2))
 
 
 def test_note_400_when_max_workers_holds_the_need_back():

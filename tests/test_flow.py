@@ -84,6 +84,25 @@ def test_received_while_the_document_downloads(gateway, web, start_worker):
     assert received['result'] is None and final['result'][0]['size'] == 10
 
 
+def test_a_download_after_progress_keeps_the_job_in_progress(gateway, web, start_worker):
+    start_worker('eager')  # reports 5 %, then downloads
+    web.documents['doc.bin'] = b'x' * 10
+    web.held['doc.bin'] = threading.Event()
+    uuid = gateway.submitted('eager', doc_url=web.url('/docs/doc.bin'))
+    gateway.wait_for('eager', uuid, 'PROGRESS')
+    web.held['doc.bin'].set()
+    final, seen = gateway.wait_for('eager', uuid, 'SUCCESS')
+    assert final['result'][0]['size'] == 10
+    assert [state['status'] for state in seen] == ['PROGRESS'] * (len(seen) - 1) + ['SUCCESS']
+
+
+def test_annotations_of_the_services_own_types_reach_the_client_as_json(gateway, start_worker):
+    start_worker('typed')  # returns a float subclass that only the worker knows
+    uuid = gateway.submitted('typed', doc_url='http://127.0.0.1:9/a.wav')
+    final, _ = gateway.wait_for('typed', uuid, 'SUCCESS', 'FAILURE')
+    assert final['result'] == [{'@id': uuid, 'level': 0.5}]
+
+
 def test_started_while_the_service_runs_without_progress(gateway, start_worker, tmp_path):
     start_worker('held')
     uuid = gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav', release=str(tmp_path / 'go'))

@@ -2,6 +2,7 @@
 
 import pytest
 import requests
+from rq.job import Job
 
 from conftest import Gateway, run_gateway, stop, wait_until, wav_bytes, write_settings
 
@@ -22,6 +23,17 @@ def test_unknown_route_is_404_202(gateway):
 def test_wrong_method_is_405(gateway):
     answer = requests.get(f'{gateway.url}/echo/annotate', timeout=10)
     assert vesta(answer) == (405, 202) and answer.headers['Allow'] == 'POST'
+
+
+@pytest.mark.parametrize('route', ['annotate', 'process'])
+def test_empty_optional_fields_are_taken_as_absent(gateway, redis_db, route):
+    fields = {'doc_url': 'http://127.0.0.1:9/a.wav', 'storage_doc_id': '', 'ann_doc_id': '', 'callback_url': ''}
+    answer = gateway.submit('echo', route=route, **({'json': fields} if route == 'process' else {'data': fields}))
+    assert answer.status_code == 202, answer.text
+    job = Job.fetch(answer.json()['uuid'], connection=redis_db)
+    message = job.args[0]
+    assert message['service']['document']['url'] == 'http://127.0.0.1:9/a.wav'
+    assert message['annotation_service']['url'] is None and not job.meta.get('callback_url')
 
 
 def test_missing_doc_url_is_400_206(gateway, redis_db):
@@ -61,6 +73,19 @@ def test_storage_field_without_storage_settings_is_500_200(redis_server, redis_d
 
 def test_process_with_broken_json_is_400_210(gateway):
     assert vesta(gateway.submit('echo', route='process', data='{"doc_url": ')) == (400, 210)
+
+
+@pytest.mark.parametrize('depth', [600, 2000])  # beyond what RQ can pickle; beyond what json can parse
+def test_process_with_json_nested_too_deeply_is_400_210(gateway, redis_db, depth):
+    body = '{"doc_url": "http://127.0.0.1:9/a.wav", "deep": ' + '[' * depth + ']' * depth + '}'
+    assert vesta(gateway.submit('echo', route='process', data=body)) == (400, 210)
+    assert redis_db.llen('rq:queue:echo') == 0
+
+
+@pytest.mark.parametrize('constant', ['NaN', 'Infinity', '-Infinity', '1e999', '-1e400'])
+def test_process_with_a_number_json_does_not_have_is_400_210(gateway, constant):
+    body = '{"doc_url": "http://127.0.0.1:9/a.wav", "threshold": %s}' % constant
+    assert vesta(gateway.submit('echo', route='process', data=body)) == (400, 210)
 
 
 def test_process_with_a_json_list_is_400_210(gateway):

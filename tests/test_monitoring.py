@@ -41,13 +41,13 @@ def test_metrics_match_rqs_registries_at_that_moment(gateway, start_worker, tmp_
     for service in ('echo', 'crash', 'held'):
         queue = Queue(service, connection=redis_db)
         held = {'queued': queue.count,
-                'running': queue.started_job_registry.count,  # RQ's counts, after its cleanup
+                'started': queue.started_job_registry.count,  # RQ's counts, after its cleanup
                 'failed': queue.failed_job_registry.count,
                 'finished': queue.finished_job_registry.count}
         scraped = {state: metrics[('gateway_jobs', (('service', service), ('state', state)))] for state in held}
         assert scraped == held, service
     assert (metrics[('gateway_jobs', (('service', 'held'), ('state', 'queued')))],
-            metrics[('gateway_jobs', (('service', 'held'), ('state', 'running')))]) == (2, 1)
+            metrics[('gateway_jobs', (('service', 'held'), ('state', 'started')))]) == (2, 1)
     assert metrics[('gateway_workers', (('service', 'echo'),))] == 1
     assert metrics[('gateway_workers_busy', (('service', 'held'),))] == 1
     assert metrics[('gateway_submissions_total', (('service', 'echo'),))] == 2
@@ -76,7 +76,10 @@ def test_home_page_shows_each_service_with_live_figures(gateway, start_worker, t
     assert page.status_code == 200 and page.headers['Content-Type'].startswith('text/html')
     held = page.text.split('id="held"')[1].split('</section>')[0]
     assert '<b>2</b><span>queued</span>' in held and '<b>1</b><span>running</span>' in held
+    assert '<b>1</b><span>workers (1 busy)</span>' in held
     assert '<b>3</b><span>invocations</span>' in held and 'href="/held/info"' in held
+    echo = page.text.split('id="echo"')[1].split('</section>')[0]
+    assert 'Returns what it received' in echo and '<b>1</b><span>workers (0 busy)</span>' in echo
 
 
 def chromium():
@@ -115,6 +118,12 @@ def dashboard(redis_server, redis_db):
     yield url
     process.terminate()
     process.wait(timeout=10)
+
+
+def test_rq_dashboard_shows_the_queues_of_live_workers_before_any_job(gateway, dashboard, start_worker):
+    start_worker('echo', 'crash')
+    queues = requests.get(f'{dashboard}/0/data/queues.json', timeout=10).json()['queues']
+    assert {(queue['name'], queue['count']) for queue in queues} == {('echo', 0), ('crash', 0)}
 
 
 def test_rq_dashboard_shows_the_service_queues_and_a_submitted_job(gateway, dashboard):

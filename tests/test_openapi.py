@@ -30,11 +30,14 @@ def test_submissions_are_described_as_secured_and_status_is_not(gateway):
 def test_live_gateway_keeps_to_its_openapi_description(gateway, start_worker, settings_file, tmp_path):
     # One worker on every queue: a service no live worker runs answers stats with 503 (on purpose).
     start_worker(*load_settings(settings_file, {}).services)
-    checks = ('not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,'
-              'response_schema_conformance,ignored_auth,unsupported_method,allow_header_conformance')
+    # Left out: the rules of a submission that a schema cannot state, so that a request it calls
+    # valid may be refused and one it calls invalid accepted: doc_url or a storage id but not
+    # both, and neither for a `noparams` service; a field in both the query and the body, where
+    # the body's wins.
+    checks = ['--checks', 'all', '--exclude-checks', 'positive_data_acceptance,negative_data_rejection']
     done = subprocess.run(
         [sys.executable, '-m', 'schemathesis.cli', 'run', f'{gateway.url}/openapi.json',
-         '--header', f'Authorization: Bearer {token(expires_in=3600)}', '--checks', checks,
+         '--header', f'Authorization: Bearer {token(expires_in=3600)}', *checks,
          '--max-examples', '100', '--seed', '1', '--workers', '1', '--generation-database', 'none', '--no-color',
          '--report', 'junit', '--report-dir', str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
