@@ -731,7 +731,10 @@ def canarie_page(service, page):
         response.status = setting.status
         response.content_type = 'text/plain; charset=utf-8'
         return setting.value
-    return bottle.template('page', title=page, body=markdown_page(setting.value))
+    body = markdown_page(setting.value)
+    if re.match(r'\s*<(!doctype|html)\b', body, re.IGNORECASE):  # a whole HTML document of its own
+        return body
+    return bottle.template('page', title=page, body=body)
 
 
 @functools.cache

@@ -333,6 +333,7 @@ function = tests.example_services.echo
 name = Echo
 synopsis = Returns what it received
 doc = echo-doc.md
+releasenotes = echo-notes.html
 [service:crash]
 version = 1.0.0
 function = tests.example_services.crash
@@ -386,12 +387,17 @@ noparams = true
 """
 
 
+# A page file that is a whole HTML document, served as it is.
+ECHO_NOTES = '<!DOCTYPE html>\n<html lang="en"><head><title>Echo notes</title></head><body><p>1.0.0</p></body></html>\n'
+
+
 def write_settings(path, web, annotator_version='1.0.0', storage=True):
     """The tests' settings: services of tests/example_services.py, storage on the ``web`` fixture."""
     storage_urls = f"""
 get_storage_doc_url = {web.url('/docs/{storage_doc_id}')}
 post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?storageType=2""" if storage else ''
     path.with_name('echo-doc.md').write_text('# Echo\n\nReturns what it **received**.\n')
+    path.with_name('echo-notes.html').write_text(ECHO_NOTES)
     path.write_text(f"""
 [gateway]
 {PLATFORM}result_ttl = 600

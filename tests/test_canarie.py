@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, run_gateway, stop, wait_until, write_settings
+from conftest import ECHO_NOTES, ROOT, run_gateway, stop, wait_until, write_settings
 
 JSON = {'Accept': 'application/json'}
 FIELDS = {'name', 'synopsis', 'version', 'institution', 'releaseTime', 'researchSubject', 'supportEmail',
@@ -106,6 +106,12 @@ def test_page_set_to_a_file_is_rendered(gateway):
     answer = get(gateway, '/echo/doc')
     assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('text/html')
     assert '<h1>Echo</h1>' in answer.text and '<strong>received</strong>' in answer.text
+
+
+def test_page_file_that_is_a_whole_html_document_is_served_as_it_is(gateway):
+    answer = get(gateway, '/echo/releasenotes')
+    assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('text/html')
+    assert answer.text == ECHO_NOTES
 
 
 def test_page_set_to_text_and_status_answers_them(gateway):
