@@ -16,7 +16,6 @@ API description, routes, CANARIE pages, monitoring, main.
 import argparse
 import configparser
 import functools
-import html
 import json
 import logging
 import math
@@ -32,7 +31,6 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -51,7 +49,7 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from capacity import load_of, plan, read_figures
+from capacity import live_workers, load_of, plan, read_figures
 from records import invocations, record_submission, utc_text, uuid_key
 from settings import (
     CANARIE_FIELDS,
@@ -108,20 +106,11 @@ def render_error(error):
     message = error.body if isinstance(error.body, str) and error.body else error.status_line
     if error.status_code >= 500 and not isinstance(error, GatewayError):
         message = 'unexpected error'  # bottle's own 500 carries the exception text
-    document = {'status': error.status_code, 'description': error.status_line.partition(' ')[2],
-                'vesta': {'code': code, 'message': message}}
-    kind = preferred_type('application/json', 'text/html', 'application/xml')
-    response.content_type = f'{kind}; charset=utf-8'
-    if kind == 'text/html':
-        return ERROR_PAGE.format(**{key: html.escape(str(value)) for key, value in
-                                    dict(document, code=code, message=message).items()})
-    return serialize(document, kind, 'error')
-
-
-ERROR_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{status} {description}</title></head>
-<body><h1>{status} {description}</h1><p>{message}</p><p>Error code {code}.</p></body></html>
-"""
+    description = error.status_line.partition(' ')[2]
+    document = {'status': error.status_code, 'description': description, 'vesta': {'code': code, 'message': message}}
+    return (negotiated(document, 'error', 'application/json', 'text/html', 'application/xml')
+            or bottle.template('error', status=error.status_code, description=description, message=message,
+                               code=code))
 
 
 def redis_unavailable(error):
@@ -166,13 +155,22 @@ def preferred_type(*offered):
 
     def rank(kind):
         """(quality, specificity) of the most specific range that matches ``kind``."""
-        matches = [(2 if media == kind else 1 if media == kind.split('/')[0] + '/*' else 0, q)
-                   for media, q in ranges if media in (kind, kind.split('/')[0] + '/*', '*/*')]
-        specificity, q = max(matches) if matches else (0, 0)
+        wildcard = kind.split('/')[0] + '/*'
+        specificity, q = max(((2 if media == kind else 1 if media == wildcard else 0, q)
+                              for media, q in ranges if media in (kind, wildcard, '*/*')), default=(0, 0))
         return q, specificity
 
-    best = max(offered, key=lambda kind: (*rank(kind), -offered.index(kind)))
-    return best if rank(best)[0] > 0 else offered[0]
+    ranks = {kind: rank(kind) for kind in offered}
+    best = max(offered, key=ranks.get)  # the first offered of equal ranks
+    return best if ranks[best][0] > 0 else offered[0]
+
+
+def negotiated(document, root, *offered):
+    """``document`` as JSON or XML, whichever of ``offered`` the client prefers, with its
+    content type set; None when it prefers HTML, which the caller renders."""
+    kind = preferred_type(*offered)
+    response.content_type = f'{kind}; charset=utf-8'
+    return None if kind == 'text/html' else serialize(document, kind, root)
 
 
 def serialize(document, kind, root):
@@ -275,7 +273,7 @@ def job_state(service, uuid, job):
         state, result = 'REVOKED', {'code': 109, 'message': 'terminated'}
     elif status == JobStatus.STARTED:  # its meta tells how far the worker got
         state = PHASES.get(meta.get('phase'), 'RECEIVED')
-        worker = meta.get('worker')
+        worker = dict(meta.get('worker') or {}, start_time=utc_text(job.started_at), type=service.name)
         result = (dict(current=meta['progress'], total=100, **worker,
                        eta=progress_eta(meta)) if state == 'PROGRESS'
                   else worker if state == 'STORING' else None)
@@ -296,9 +294,11 @@ def place_in_queue(service, job):
     lasting the service's mean duration, shared among its live workers. None where a figure
     is unknown (no live worker, no finished job yet, a job between queue and worker)."""
     index = redis_db.lpos(queues[service.name].key, job.id, maxlen=POSITIONS_SEARCHED)
+    if index is None:
+        return {'position': None, 'eta': None}
     figures = read_figures(redis_db, settings, [service])[service.name]
-    position = None if index is None else index + 1
-    if position is None or not figures.workers or figures.mean_duration is None:
+    position = index + 1
+    if not figures.workers or figures.mean_duration is None:
         return {'position': position, 'eta': None}
     ahead = max(0, position - (figures.workers - figures.busy))
     return {'position': position, 'eta': round(ahead * figures.mean_duration / figures.workers, 1)}
@@ -401,6 +401,7 @@ def last_value(fields, name):
 
 
 MAX_JSON_DEPTH = 100  # deeper, RQ could not pickle the job (Python's recursion limit)
+TOO_DEEP = f'body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels'
 
 
 def finite_number(text):
@@ -425,15 +426,14 @@ def json_depth(document):
 def json_body():
     """The request body parsed as a JSON object (an empty body is an empty object)."""
     body = request_body()
-    too_deep = GatewayError(210, f'body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels')
     try:
         document = json.loads(body, parse_float=finite_number, parse_constant=finite_number) if body.strip() else {}
     except (ValueError, UnicodeError) as error:
         raise GatewayError(210, f'body is not valid JSON: {error}') from None
     except RecursionError:
-        raise too_deep from None
+        raise GatewayError(210, TOO_DEEP) from None
     if json_depth(document) > MAX_JSON_DEPTH:
-        raise too_deep
+        raise GatewayError(210, TOO_DEEP)
     if not isinstance(document, dict):
         raise GatewayError(210, 'body must be a JSON object')
     return document
@@ -508,7 +508,7 @@ def accept_job(service, doc_url, ann_doc_id, callback_url, misc):
     store_url = storage_url('post_annotations_url', ann_doc_id, 'ann_doc_id') if ann_doc_id is not None else None
     uuid = str(uuid4())
     message = {
-        'request_time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        'request_time': utc_text(datetime.now(timezone.utc)),
         'service': {'type': service.name, 'misc': misc, 'document': {'url': doc_url, 'credentials': None}},
         'annotation_service': {'url': store_url, 'uuid': ann_doc_id, 'credentials': None},
     }
@@ -534,19 +534,16 @@ def status_url(service, uuid):
 
 
 def job_response(document):
-    kind = preferred_type('application/json', 'application/xml')
-    response.content_type = f'{kind}; charset=utf-8'
-    return serialize(document, kind, 'job')
+    return negotiated(document, 'job', 'application/json', 'application/xml')
 
 
 # API description --------------------------------------------------------------------------
 # Every route carries its OpenAPI operation (``described``); /openapi.json is assembled from
 # the routes themselves, and refuses to be assembled while a route lacks one.
 
-ERROR_CONTENT = {'application/json': {'schema': {'$ref': '#/components/schemas/Error'}},
-                 'text/html': {'schema': {'type': 'string'}},
-                 'application/xml': {'schema': {'type': 'string'}}}
-HTML = {'text/html': {'schema': {'type': 'string'}}}
+STRING = {'schema': {'type': 'string'}}
+HTML, XML, TEXT = ({media: STRING} for media in ('text/html', 'application/xml', 'text/plain'))
+ERROR_CONTENT = {'application/json': {'schema': {'$ref': '#/components/schemas/Error'}}, **HTML, **XML}
 SCHEMAS = {
     'Error': {'type': 'object', 'required': ['status', 'description', 'vesta'], 'properties': {
         'status': {'type': 'integer'}, 'description': {'type': 'string'},
@@ -607,6 +604,10 @@ def described(summary, responses, query=(), body=None, secured=False, head=True)
     return attach
 
 
+# A wildcard of a route rule: its name, and its choices when it is a ``re:a|b|c`` filter.
+ROUTE_WILDCARD = re.compile(r'<(\w+)(?::re:([\w|]+)|:[^>]*)?>')
+
+
 def openapi_document():
     """The OpenAPI 3.1 description of every route, assembled from the routes."""
     paths = {}
@@ -614,11 +615,11 @@ def openapi_document():
         operation = getattr(route.callback, 'openapi', None)
         if operation is None:
             raise RuntimeError(f'route {route.method} {route.rule} has no OpenAPI description')
-        path = re.sub(r'<(\w+)(?::[^>]*)?>', r'{\1}', route.rule)
+        path = ROUTE_WILDCARD.sub(r'{\1}', route.rule)
         parameters = [{'name': name, 'in': 'path', 'required': True, 'schema': {'type': 'string', **(
                            {'enum': choices.split('|')} if choices else
                            {'enum': list(settings.services)} if name == 'service_name' else {})}}
-                      for name, choices in re.findall(r'<(\w+)(?::re:([\w|]+))?>', route.rule)]
+                      for name, choices in ROUTE_WILDCARD.findall(route.rule)]
         entry = {'summary': operation['summary'],
                  'operationId': route.method.lower() + re.sub(r'\W+', '_', path).rstrip('_'),
                  'parameters': parameters + operation['query'], 'responses': operation['responses']}
@@ -630,6 +631,11 @@ def openapi_document():
         if route.method == 'GET' and operation['head']:
             paths[path]['head'] = dict(entry, operationId=entry['operationId'] + '_head', responses={
                 code: {'description': answer['description']} for code, answer in entry['responses'].items()})
+    operations = [entry for methods in paths.values() for entry in methods.values()]
+    linked = {link['operationId'] for entry in operations for answer in entry['responses'].values()
+              for link in answer.get('links', {}).values()}
+    if linked - {entry['operationId'] for entry in operations}:
+        raise RuntimeError(f'links to operations that do not exist: {sorted(linked)}')
     return {
         'openapi': '3.1.0',
         'info': {'title': settings.info.get('name', 'Service Gateway'), 'version': settings.info.get('version', '0'),
@@ -649,14 +655,14 @@ app.default_error_handler = render_error
 bottle.TEMPLATE_PATH.insert(0, str(HERE / 'views'))
 
 SUBMITTED = {'202': {'description': 'Queued; Location is the status URL', 'content': json_content('Accepted'),
-                     'headers': {'Location': {'schema': {'type': 'string'}}},
+                     'headers': {'Location': STRING},
                      'links': {name: {'operationId': operation, 'parameters': {
                          'service_name': '$request.path.service_name', 'uuid': '$response.body#/uuid'}}
                          for name, operation in (('status', 'get_service_name_status'),
                                                  ('cancel', 'post_service_name_cancel'))}},
              **errors(400, 401, 404, 413, 500, 503)}
 JOB_STATE = {'200': {'description': 'The job\'s state (SPEC section 5)', 'content': {
-    **json_content('Job'), 'application/xml': {'schema': {'type': 'string'}}}}}
+    **json_content('Job'), **XML}}}
 RESERVED_QUERY = (query_parameter('doc_url', 'the document, an http(s) URL', format='uri'),
                   query_parameter('ann_doc_id', 'post the annotations to [storage] post_annotations_url'),
                   query_parameter('callback_url', 'POSTed {"uuid", "status"} when the job ends', format='uri'))
@@ -710,18 +716,19 @@ def cancel(service_name):
 
 # CANARIE pages ----------------------------------------------------------------------------
 
-CANARIE_PAGE = '<page:re:info|stats|doc|releasenotes|support|source|tryme|licence|provenance>'
+CANARIE_PAGE = f'<page:re:{"|".join(("info", "stats", *CANARIE_PAGES))}>'
+# Each settings section's CANARIE pages: the gateway's, then each service's.
+PAGE_SECTIONS = [('gateway', settings.pages),
+                 *((f'service:{name}', service.pages) for name, service in settings.services.items())]
 
 
 def canarie_page(service, page):
     """A CANARIE API page (SPEC section 7) of the gateway (``service`` None) or of a service."""
     if page in ('info', 'stats'):
         document = info_document(service) if page == 'info' else stats_document(service)
-        if preferred_type('text/html', 'application/json') == 'application/json':
-            response.content_type = 'application/json; charset=utf-8'
-            return json.dumps(document)
-        title = f'{(service.info if service else settings.info).get("name", "Service Gateway")}: {page}'
-        return bottle.template('canarie', title=title, document=document)
+        title = f'{(service or settings).info["name"]}: {page}'
+        return (negotiated(document, page, 'text/html', 'application/json')
+                or bottle.template('canarie', title=title, document=document))
     setting = (service.pages if service else settings.pages).get(page)
     if setting is None:  # CANARIE expects 204 of an unpublished source; the other pages alike
         return bottle.HTTPResponse(status=204)
@@ -746,38 +753,39 @@ def markdown_page(path):
 
 def info_document(service):
     """CANARIE info: exactly its fields, and a service's live workers."""
-    info = service.info if service else settings.info
-    document = {key: info.get(key, '') for key in CANARIE_FIELDS}
-    document['tags'] = info.get('tags', [])
+    document = dict((service or settings).info)  # the settings hold every CANARIE field
     if service:
-        document['activeWorkers'] = read_figures(redis_db, settings, [service])[service.name].workers
+        document['activeWorkers'], _ = live_workers(redis_db, settings, service)
     return document
 
 
 def stats_document(service):
     """CANARIE stats; 503 for a service no live worker runs: CANARIE's monitor reads it as down."""
-    if service and not read_figures(redis_db, settings, [service])[service.name].workers:
+    if service and not live_workers(redis_db, settings, service)[0]:
         raise GatewayError(205, f'no live worker runs service {service.name!r}: its jobs wait')
     counts, since = invocations(redis_db)
     total = counts.get(service.name, 0) if service else sum(counts.get(name, 0) for name in settings.services)
     return {'invocations': total, 'lastReset': since}
 
 
-TEXT = {'text/plain': {'schema': {'type': 'string'}}}
-CANARIE_ANSWERS = {
-    **errors(404, 500, 503),
-    # pages set to "text,status" answer that status with that text
-    **{str(status): {'description': f'a page set to "text,{status}"', 'content': {**ERROR_CONTENT, **TEXT}}
-       for status in {page.status for pages in [settings.pages, *(service.pages for service in settings.services
-                                                                  .values())]
-                      for page in pages.values() if page.kind == 'text'}},
-    '200': {'description': 'info and stats: JSON when asked for, else HTML; the others: a page or a text',
-            'content': {'application/json': {'schema': {'anyOf': [{'$ref': '#/components/schemas/Info'},
-                                                                   {'$ref': '#/components/schemas/Stats'}]}},
-                        **HTML, **TEXT}},
-    '204': {'description': 'the page is not set'},
-    '302': {'description': 'the page is elsewhere (Location), to an HTTP/1.0 client'},
-    '303': {'description': 'the page is elsewhere (Location)'}}
+def canarie_answers():
+    """The answers of a CANARIE page; one set to "text,status" answers that status with that text."""
+    answers = {
+        **errors(404, 500, 503),
+        '200': {'description': 'info and stats: JSON when asked for, else HTML; the others: a page or a text',
+                'content': {'application/json': {'schema': {'anyOf': [{'$ref': '#/components/schemas/Info'},
+                                                                       {'$ref': '#/components/schemas/Stats'}]}},
+                            **HTML, **TEXT}},
+        '204': {'description': 'the page is not set'},
+        '302': {'description': 'the page is elsewhere (Location), to an HTTP/1.0 client'},
+        '303': {'description': 'the page is elsewhere (Location)'}}
+    for status in {page.status for _, pages in PAGE_SECTIONS for page in pages.values() if page.kind == 'text'}:
+        answer = answers.setdefault(str(status), {'description': f'a page set to "text,{status}"'})
+        answer['content'] = {**answer.get('content', {}), **TEXT}
+    return answers
+
+
+CANARIE_ANSWERS = canarie_answers()
 
 
 @app.get(f'/{CANARIE_PAGE}')
@@ -843,7 +851,7 @@ def home():
 
 @app.get('/metrics')
 @described('Prometheus metrics', {'200': {'description': 'Prometheus text format', 'content': {
-    'text/plain': {'schema': {'type': 'string'}}}}, **errors(500, 503)})
+    **TEXT}}, **errors(500, 503)})
 def metrics():
     response.content_type = CONTENT_TYPE_LATEST
     return generate_latest(metrics_registry)
@@ -885,7 +893,7 @@ def run_embedded():
     redis_server = TcpFakeServer(('127.0.0.1', 0))
     redis_server.daemon_threads = True  # a client blocked in BLPOP must not hold up Ctrl-C
     threading.Thread(target=redis_server.serve_forever, daemon=True).start()
-    storage = ThreadingHTTPServer(('127.0.0.1', 0), partial(EmbeddedStorage, directory=HERE / 'samples'))
+    storage = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(EmbeddedStorage, directory=HERE / 'samples'))
     threading.Thread(target=storage.serve_forever, daemon=True).start()
     storage_base = 'http://{}:{}'.format(*storage.server_address)
     secret = settings.jwt_secret or secrets.token_urlsafe(48)
@@ -902,9 +910,9 @@ def run_embedded():
                  for name in settings.services]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        wait_for_port(settings.port, children[0])
         with redis.Redis.from_url(redis_url) as connection:
-            wait_for_workers(connection, len(settings.services), children)
+            wait_for_children(children, lambda: listening(settings.port) and workers_listen(
+                connection, len(settings.services)))
         service = next(iter(settings.services))
         print(f'\nTry it (the token is valid for {settings.jwt_ttl} s):\n\n'
               f'  curl {base}/{service}/annotate --data-urlencode doc_url={storage_base}/hello.wav '
@@ -935,14 +943,13 @@ def embedded_settings(directory, storage_base):
     parser.read(settings.path, encoding='utf-8')
     if not parser.has_section('storage'):
         parser.add_section('storage')
-    loopback = {'get_storage_doc_url': f'{storage_base}/get/{{storage_doc_id}}',
+    loopback = {'get_storage_doc_url': f'{storage_base}/{{storage_doc_id}}',
                 'post_annotations_url': f'{storage_base}/document/{{ann_doc_id}}/annotations'}
     for key, value in loopback.items():
         if not parser.get('storage', key, fallback='').strip():
             parser.set('storage', key, value)
     # Page files are named relative to the settings file, which this copy is not beside.
-    for section, pages in [('gateway', settings.pages), *((f'service:{name}', service.pages)
-                                                          for name, service in settings.services.items())]:
+    for section, pages in PAGE_SECTIONS:
         for key, page in pages.items():
             if page.kind == 'file' and parser.has_option(section, key):
                 parser.set(section, key, page.value)
@@ -953,15 +960,12 @@ def embedded_settings(directory, storage_base):
 
 
 class EmbeddedStorage(SimpleHTTPRequestHandler):
-    """The loopback storage of the embedded mode: ``GET /get/<id>`` serves ``samples/<id>``;
+    """The loopback storage of the embedded mode: ``GET /<id>`` serves ``samples/<id>``;
     ``POST /document/<id>/annotations`` keeps the annotations, which ``GET`` then returns."""
 
     annotations = {}
 
     def do_GET(self):
-        if self.path.startswith('/get/'):
-            self.path = self.path[len('/get'):]
-            return super().do_GET()
         if self.path in self.annotations:
             return self.reply(200, self.annotations[self.path])
         return super().do_GET()
@@ -983,28 +987,28 @@ class EmbeddedStorage(SimpleHTTPRequestHandler):
         pass
 
 
-def wait_for_port(port, process, timeout=30):
+def wait_for_children(children, ready, timeout=60):
+    """Wait until ``ready()``; stop if a child process ends or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f'the gateway did not start on port {port}')
-
-
-def wait_for_workers(connection, count, children, timeout=30):
-    """Wait until ``count`` workers listen on their queues, so that the curl command comes
-    after what they log as they start."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
-            sys.exit('a process of the embedded gateway did not start; see its messages above')
-        workers = Worker.all(connection=connection)
-        if len(workers) >= count and all(worker.state == 'idle' for worker in workers):
-            return
+    while not ready():
+        if any(child.poll() is not None for child in children) or time.monotonic() > deadline:
+            sys.exit('the embedded gateway did not start; see the messages above')
         time.sleep(0.1)
+
+
+def listening(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def workers_listen(connection, count):
+    """Whether ``count`` workers are registered and waiting for jobs: the curl command then
+    comes after what they log as they start."""
+    workers = Worker.all(connection=connection)
+    return len(workers) >= count and all(worker.state == 'idle' for worker in workers)
 
 
 def main(argv=None):

@@ -12,7 +12,8 @@ a simulation (``bench/capacity_sim.py``) without a Redis server:
 
 Below it, ``read_figures`` reads what Redis says of each service, ``load_of``
 makes the snapshots of it, and ``main`` prints them (the gateway's /metrics and
-status route read the same figures).
+home page read the same figures); ``live_workers`` reads only one service's
+live and busy workers, for the gateway's pages that need no more.
 """
 
 import argparse
@@ -21,12 +22,10 @@ import json
 import logging
 import math
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import redis
@@ -35,7 +34,14 @@ from rq.job import Job
 from rq.utils import utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-from records import ANSWERS_PER_SERVICE, ARRIVAL_WINDOW_MINUTES, ServiceRecords, ask_service_records, service_records
+from records import (
+    ANSWERS_PER_SERVICE,
+    ARRIVAL_WINDOW,
+    ARRIVAL_WINDOW_MINUTES,
+    ServiceRecords,
+    ask_service_records,
+    service_records,
+)
 from settings import exit_on_settings_error, gateway_redis, load_settings, require_redis_url
 
 log = logging.getLogger('capacity')
@@ -76,7 +82,7 @@ class ServiceLoad:
     target_utilisation: float = 0.7
     start_delay: float = 0.0  # seconds from asking for a worker to its first job; 0 = at once
     oldest_wait: float | None = None  # seconds the job at the head of the queue has waited; None = unknown
-    arrival_window: float = 300.0     # seconds arrival_rate is measured over
+    arrival_window: float = ARRIVAL_WINDOW  # seconds arrival_rate is measured over
 
 
 def needed_workers(load: ServiceLoad) -> int:
@@ -234,7 +240,44 @@ class ServiceFigures:
 
     @property
     def mean_duration(self):
-        return statistics.fmean(self.records.durations) if self.records.durations else None
+        """The records' mean duration, for the gateway's ETA, which reads it here."""
+        return self.records.mean_duration
+
+
+def _ask_queue(pipe, queue, now):
+    """Add the reads of a queue's figures to ``pipe``, ``QUEUE_ANSWERS`` of them: its length, the
+    live entries of its started, failed and finished registries, the keys of the workers that
+    listen on it and the ids of its first ``HEAD_JOBS`` jobs. ``read_figures`` reads the answers."""
+    pipe.llen(queue.key)
+    for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry):
+        pipe.zcount(registry.key, now, '+inf')  # entries scored before now have expired
+    pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
+    pipe.lrange(queue.key, 0, HEAD_JOBS - 1)
+
+
+QUEUE_ANSWERS = 6  # per service, before the ANSWERS_PER_SERVICE of its records
+
+
+def _live_and_busy(beats_and_states, now, worker_ttl):
+    """How many workers are live, of RQ's (last_heartbeat, state) of each, and how many of those
+    are busy. Live means a last heartbeat under ``worker_ttl`` seconds before ``now``: a worker
+    that died without unregistering stays in RQ's sets until its key expires."""
+    oldest_beat = now - worker_ttl
+    live = [state for heartbeat, state in beats_and_states
+            if heartbeat and utcparse(heartbeat.decode()).timestamp() > oldest_beat]
+    return len(live), live.count(b'busy')
+
+
+def live_workers(connection, settings, service):
+    """The live workers of ``service`` and how many of them are busy, in two round trips:
+    for the pages that need only these, where ``read_figures`` would read every figure."""
+    now = time.time()
+    keys = connection.smembers(WORKERS_BY_QUEUE_KEY % service.queue)
+    with connection.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hmget(key, 'last_heartbeat', 'state')
+        beats_and_states = pipe.execute()
+    return _live_and_busy(beats_and_states, now, settings.worker_ttl)
 
 
 def read_figures(connection, settings, services=None):
@@ -243,15 +286,10 @@ def read_figures(connection, settings, services=None):
     now = time.time()
     with connection.pipeline(transaction=False) as pipe:
         for service in services:
-            queue = Queue(service.queue, connection=connection)
-            pipe.llen(queue.key)
-            for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry):
-                pipe.zcount(registry.key, now, '+inf')  # entries scored before now have expired
-            pipe.smembers(WORKERS_BY_QUEUE_KEY % queue.name)
-            pipe.lrange(queue.key, 0, HEAD_JOBS - 1)
+            _ask_queue(pipe, Queue(service.queue, connection=connection), now)
             ask_service_records(pipe, service.name, now)
         answers = pipe.execute()
-    per_service = 6 + ANSWERS_PER_SERVICE
+    per_service = QUEUE_ANSWERS + ANSWERS_PER_SERVICE
     read = [answers[number * per_service:(number + 1) * per_service] for number in range(len(services))]
     worker_keys = sorted({key for answer in read for key in answer[4]})
     head_ids = sorted({job_id.decode() for answer in read for job_id in answer[5]})
@@ -263,18 +301,14 @@ def read_figures(connection, settings, services=None):
         second = pipe.execute()
     heartbeats = dict(zip(worker_keys, second[:len(worker_keys)], strict=True))
     enqueued = dict(zip(head_ids, second[len(worker_keys):], strict=True))
-    oldest_beat = datetime.now(timezone.utc) - timedelta(seconds=settings.worker_ttl)
     figures = {}
     for service, (queued, running, failed, finished, keys, heads, *records) in zip(services, read, strict=True):
-        live = [state for heartbeat, state in (heartbeats[key] for key in keys)
-                if heartbeat and utcparse(heartbeat.decode()).replace(tzinfo=timezone.utc) > oldest_beat]
+        workers, busy = _live_and_busy((heartbeats[key] for key in keys), now, settings.worker_ttl)
         stamps = [enqueued[job_id.decode()] for job_id in heads if enqueued[job_id.decode()]]
-        oldest_wait = max((now - utcparse(stamp.decode()).replace(tzinfo=timezone.utc).timestamp()
-                           for stamp in stamps), default=None)
+        oldest_wait = max((now - utcparse(stamp.decode()).timestamp() for stamp in stamps), default=None)
         figures[service.name] = ServiceFigures(
-            queued=queued, running=running, failed=failed, finished=finished, workers=len(live),
-            busy=sum(state == b'busy' for state in live), oldest_wait=oldest_wait,
-            records=service_records(records, now))
+            queued=queued, running=running, failed=failed, finished=finished, workers=workers, busy=busy,
+            oldest_wait=oldest_wait, records=service_records(records, now))
     return figures
 
 
@@ -284,11 +318,10 @@ def load_of(service, figures, start_delay_extra=0.0):
     ``start_delay_extra`` is added to the service's ``start_delay``: the period of a scaler
     that acts on these figures (``--watch``), during which a need waits unseen.
     """
-    durations = figures.records.durations
     return ServiceLoad(
         name=service.name, queued=figures.queued, running=figures.running, workers=figures.workers,
-        busy=figures.busy, arrival_rate=figures.records.arrival_rate, mean_duration=figures.mean_duration,
-        p90_duration=statistics.quantiles(durations, n=10, method='inclusive')[-1] if len(durations) > 1 else None,
+        busy=figures.busy, arrival_rate=figures.records.arrival_rate, mean_duration=figures.records.mean_duration,
+        p90_duration=figures.records.p90_duration,
         min_workers=service.min_workers, max_workers=service.max_workers, target_wait=service.target_wait,
         expected_duration=service.expected_duration, target_utilisation=service.target_utilisation,
         start_delay=service.start_delay + start_delay_extra, oldest_wait=figures.oldest_wait,

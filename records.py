@@ -10,6 +10,7 @@ Each is a handful of O(1) commands on submission or job end, so that reading the
 never scans RQ's registries.
 """
 
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 INVOCATIONS = 'gateway:invocations'     # hash: service -> submissions since LAST_RESET
 LAST_RESET = 'gateway:invocations:since'
 ARRIVAL_WINDOW_MINUTES = 5   # whole minutes the recent arrival rate is measured over, with the current one
+ARRIVAL_WINDOW = ARRIVAL_WINDOW_MINUTES * 60  # seconds of those whole minutes
 RECENT_DURATIONS_KEPT = 100  # finished jobs the mean and p90 durations are taken from
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)  # seconds, Prometheus 'le'
 
@@ -50,11 +52,9 @@ def invocations(connection):
     first submission or the first reading, whichever came first)."""
     with connection.pipeline(transaction=False) as pipe:
         pipe.hgetall(INVOCATIONS)
+        pipe.set(LAST_RESET, utc_text(datetime.now(timezone.utc)), nx=True)  # the first reading starts it
         pipe.get(LAST_RESET)
-        counts, since = pipe.execute()
-    if since is None:
-        connection.set(LAST_RESET, utc_text(datetime.now(timezone.utc)), nx=True)
-        since = connection.get(LAST_RESET)
+        counts, _, since = pipe.execute()
     return {name.decode(): int(count) for name, count in counts.items()}, since.decode()
 
 
@@ -85,6 +85,19 @@ class ServiceRecords:
     duration_buckets: list      # [(le, cumulative count)...], for a Prometheus histogram
     duration_sum: float
 
+    @property
+    def mean_duration(self):
+        """Seconds, the mean of ``durations`` (what capacity.py sizes workers by); None with no history."""
+        return statistics.fmean(self.durations) if self.durations else None
+
+    @property
+    def p90_duration(self):
+        """Seconds, the 90th percentile of ``durations``, interpolated within the durations seen
+        (for operators: capacity.py reports it but does not use it); None under two durations."""
+        if len(self.durations) < 2:
+            return None
+        return statistics.quantiles(self.durations, n=10, method='inclusive')[-1]
+
 
 def ask_service_records(pipe, service, now):
     """Add the reads of a service's records to ``pipe``; ``service_records`` reads the answers."""
@@ -101,7 +114,7 @@ def service_records(answers, now):
     """The ``ServiceRecords`` of the answers to ``ask_service_records``: the arrival rate is
     over the last whole minutes and the current one so far."""
     arrivals, durations, buckets = answers
-    window = ARRIVAL_WINDOW_MINUTES * 60 + now % 60
+    window = ARRIVAL_WINDOW + now % 60
     rate = None
     if any(count is not None for count in arrivals):
         rate = sum(int(count or 0) for count in arrivals) / window

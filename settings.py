@@ -11,6 +11,7 @@ section and the key; the programs print it as one line and stop.
 """
 
 import configparser
+import dataclasses
 import os
 import re
 import sys
@@ -279,11 +280,21 @@ def load_settings(path=None, environ=os.environ):
     )
 
 
+# The default of each service setting, as the dataclass declares it: written once, there.
+SERVICE_DEFAULTS = {setting.name: setting.default for setting in dataclasses.fields(ServiceSettings)
+                    if setting.default is not dataclasses.MISSING}
+
+
 def _service(section, name, gateway_info, gateway_pages, base):
     """A service's settings; CANARIE fields and pages it does not set are the gateway's."""
     info, pages = section.canarie(base, required=False)
-    min_workers = section.integer('min_workers', 0)
-    max_workers = section.integer('max_workers', 10, minimum=1)
+
+    def integer(key, minimum=0):
+        """The integer setting ``key``, or its default."""
+        return section.integer(key, SERVICE_DEFAULTS[key], minimum)
+
+    min_workers = integer('min_workers')
+    max_workers = integer('max_workers', minimum=1)
     if max_workers < min_workers:
         section.fail('max_workers', f'must be at least min_workers ({min_workers})')
     return ServiceSettings(
@@ -291,18 +302,18 @@ def _service(section, name, gateway_info, gateway_pages, base):
         function=section.text('function'),
         version=section.text('version'),
         queue=section.text('queue', name),
-        timeout=section.integer('timeout', 3600, minimum=1),
-        retries=section.integer('retries', 0),
-        retry_interval=section.integer('retry_interval', 0),
-        noparams=section.boolean('noparams', False),
-        max_document_size=section.integer('max_document_size', 512 * 2**20, minimum=1),
-        download_timeout=section.integer('download_timeout', 300, minimum=1),
+        timeout=integer('timeout', minimum=1),
+        retries=integer('retries'),
+        retry_interval=integer('retry_interval'),
+        noparams=section.boolean('noparams', SERVICE_DEFAULTS['noparams']),
+        max_document_size=integer('max_document_size', minimum=1),
+        download_timeout=integer('download_timeout', minimum=1),
         min_workers=min_workers,
         max_workers=max_workers,
-        target_wait=section.integer('target_wait', 300, minimum=1),
-        expected_duration=section.integer('expected_duration', 60, minimum=1),
-        start_delay=section.integer('start_delay', 30),
-        target_utilisation=section.fraction('target_utilisation', 0.7),
+        target_wait=integer('target_wait', minimum=1),
+        expected_duration=integer('expected_duration', minimum=1),
+        start_delay=integer('start_delay'),
+        target_utilisation=section.fraction('target_utilisation', SERVICE_DEFAULTS['target_utilisation']),
         info={**gateway_info, 'name': name, **info, 'version': section.text('version')},
         pages={**gateway_pages, **pages},
     )

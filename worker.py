@@ -31,7 +31,6 @@ import shutil
 import socket
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -179,10 +178,6 @@ def save_meta(job, **values):
     job.save_meta()
 
 
-def utc_now():
-    return datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
-
-
 # HTTP: documents, annotation store, callbacks ----------------------------------------------
 
 def http_session(retries):
@@ -269,9 +264,8 @@ def perform_request(message):
     service = current_settings().services[message['service']['type']]
     request = Request(job, message, service)
     try:
-        save_meta(job, phase='started', progress=None, progress_from=None, failure=None, worker={
-            'worker_id_version': service.version, 'start_time': utc_now(),
-            'host': socket.gethostname(), 'type': service.name})
+        save_meta(job, phase='started', progress=None, progress_from=None, failure=None,
+                  worker={'worker_id_version': service.version, 'host': socket.gethostname()})
         annotations = service_function(service.function)(request)
         if not isinstance(annotations, list):
             raise AnnotationFormatError(f'annotations must be a list, not {type(annotations).__name__}')
@@ -312,16 +306,20 @@ class GatewayWorker(Worker):
         super().handle_job_success(job, queue, started_job_registry, execution)
         self.job_ended(job, 'SUCCESS')
 
+    def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
+        """The work horse died (killed, out of memory) without recording why: record it.
+        This process holds the job as it was dequeued, so it first reloads what the horse
+        recorded, which RQ then saves back."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        job.get_meta(refresh=True)
+        if not job.meta.get('failure'):
+            cause = (f'signal {os.WTERMSIG(ret_val)}' if os.WIFSIGNALED(ret_val)
+                     else f'exit status {os.waitstatus_to_exitcode(ret_val)}')
+            save_meta(job, failure={'code': 306, 'message': f'the service process ended unexpectedly ({cause})'})
+
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string='', execution=None):
-        if not self.is_horse:
-            # The work horse died (killed, out of memory, stopped) and this process holds the
-            # job as it was dequeued: reload what the horse recorded, which RQ saves back.
-            job.get_meta(refresh=True)
-            if not job.meta.get('failure'):
-                save_meta(job, failure={
-                    'code': 306, 'message': f'the service process ended unexpectedly: {exc_string.strip()}'})
-        if job.should_retry:  # the next attempt must not show this one's progress before its own
-            save_meta(job, phase=None, progress=None, progress_from=None)
+        if job.should_retry:  # the next attempt must not show this one's progress; RQ saves the job
+            job.meta.update(phase=None, progress=None, progress_from=None)
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         status = {JobStatus.FAILED: 'FAILURE', JobStatus.STOPPED: 'REVOKED'}.get(job.get_status(refresh=True))
         if status:  # otherwise RQ has scheduled a retry

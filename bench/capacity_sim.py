@@ -4,12 +4,12 @@ A discrete-event simulation of services whose workers an autoscaler resizes
 every ``interval`` simulated seconds. Each scenario draws its traffic once,
 from a fixed seed, and every policy is run on that same traffic:
 
-(a) ``capacity.needed_workers`` and ``share_total``, fed only what capacity.py
-    can read from Redis: queue length, running jobs, live and busy workers,
-    how long the job at the head of the queue has waited (RQ's
-    ``enqueued_at`` of that job), the arrival rate over the last
-    ``RATE_WINDOW`` seconds and the mean/p90 of the last ``DURATION_HISTORY``
-    finished jobs;
+(a) ``capacity.plan`` (``needed_workers``, then ``share_total``), fed only
+    what capacity.py can read from Redis: queue length, running jobs, live
+    and busy workers, how long the job at the head of the queue has waited
+    (RQ's ``enqueued_at`` of that job), the arrival rate over the last
+    ``ARRIVAL_WINDOW`` seconds and the mean of the last
+    ``RECENT_DURATIONS_KEPT`` finished jobs (records.py's, as the gateway's);
 (b) KEDA's Redis list scaler: ``ceil(list length / listLength)`` within the
     service's min/max replicas, the list being RQ's queue (a started job has
     left it), with the Kubernetes HPA's scale-down stabilisation window;
@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from capacity import ServiceLoad, needed_workers, share_total
+from capacity import ServiceLoad, plan
+from records import ARRIVAL_WINDOW, RECENT_DURATIONS_KEPT
 
-RATE_WINDOW = 300.0      # seconds of submissions the arrival rate is measured over
-DURATION_HISTORY = 100   # finished jobs the mean and p90 durations are taken from
 HPA_STABILISATION = 300  # seconds: the Kubernetes HPA's default scale-down window
 
 # Event kinds, in the order they are handled when they fall at the same time:
@@ -172,7 +171,6 @@ class Observation:
     arrival_rate: float
     oldest_wait: float | None  # how long the job at the head of the queue has waited; None = empty
     mean_duration: float | None
-    p90_duration: float | None
 
 
 # -- Policies -------------------------------------------------------------------
@@ -181,7 +179,8 @@ class Estimator:
     """(a) capacity.py's core, on what it would read from Redis.
 
     The operator's settings are the service's, plus ``target_utilisation``
-    and the start delay: the boot plus the scaler's own period.
+    and the start delay: the boot plus the scaler's own period. The p90
+    duration is not observed: the estimate does not use it.
     """
 
     def __init__(self, target_utilisation):
@@ -191,16 +190,13 @@ class Estimator:
     def decide(self, scenario, observations, now):
         loads = {s.name: ServiceLoad(
             name=s.name, queued=o.queued, running=o.running, workers=o.workers, busy=o.busy,
-            arrival_rate=o.arrival_rate, arrival_window=RATE_WINDOW, oldest_wait=o.oldest_wait,
-            mean_duration=o.mean_duration,
-            p90_duration=o.p90_duration, min_workers=s.min_workers, max_workers=s.max_workers,
-            target_wait=s.target_wait, expected_duration=s.expected_duration,
+            arrival_rate=o.arrival_rate, arrival_window=ARRIVAL_WINDOW, oldest_wait=o.oldest_wait,
+            mean_duration=o.mean_duration, p90_duration=None, min_workers=s.min_workers,
+            max_workers=s.max_workers, target_wait=s.target_wait, expected_duration=s.expected_duration,
             target_utilisation=self.target_utilisation,
             start_delay=scenario.boot_delay + scenario.interval)
             for s, o in zip(scenario.services, observations, strict=True)}
-        needs = {name: needed_workers(load) for name, load in loads.items()}
-        if scenario.max_workers_total is not None:
-            needs = share_total(needs, loads, scenario.max_workers_total)
+        needs = plan(loads, scenario.max_workers_total or 0)
         return [needs[s.name] for s in scenario.services]
 
 
@@ -279,13 +275,6 @@ class Seed:
 PENDING, BOOTING, IDLE, BUSY, GONE = range(5)
 
 
-def p90(durations):
-    """The 90th percentile, interpolated as numpy's default does."""
-    if len(durations) == 1:
-        return durations[0]
-    return statistics.quantiles(durations, n=10, method='inclusive')[-1]
-
-
 class Worker:
     __slots__ = ('job_start', 'leaving', 'service', 'since', 'state')
 
@@ -308,7 +297,7 @@ class Simulation:
         self.workers = [{} for _ in range(self.count)]  # used as ordered sets: runs repeat exactly
         self.idle = [[] for _ in range(self.count)]
         self.recent_arrivals = [deque() for _ in range(self.count)]
-        self.finished = [deque(maxlen=DURATION_HISTORY) for _ in range(self.count)]
+        self.finished = [deque(maxlen=RECENT_DURATIONS_KEPT) for _ in range(self.count)]
         self.capacity = scenario.max_workers_total or math.inf
         self.occupied = 0
         self.waiting_for_slot = deque()
@@ -428,18 +417,17 @@ class Simulation:
         busy, idle = states.count(BUSY), states.count(IDLE)
         starting = states.count(PENDING) + states.count(BOOTING)
         recent = self.recent_arrivals[service]
-        while recent and recent[0] < self.now - RATE_WINDOW:
+        while recent and recent[0] < self.now - ARRIVAL_WINDOW:
             recent.popleft()
         finished = self.finished[service]
         return Observation(
             queued=len(self.queue[service]), running=busy, workers=busy + idle, busy=busy,
             idle=idle, starting=starting,
             replicas=sum(1 for w in workers if not w.leaving),
-            arrival_rate=len(recent) / RATE_WINDOW,
+            arrival_rate=len(recent) / ARRIVAL_WINDOW,
             oldest_wait=(self.now - self.arrival[service][self.queue[service][0]]
                          if self.queue[service] else None),
-            mean_duration=statistics.fmean(finished) if finished else None,
-            p90_duration=p90(finished) if finished else None)
+            mean_duration=statistics.fmean(finished) if finished else None)
 
     def evaluate(self):
         observations = [self.observe(service) for service in range(self.count)]
