@@ -6,6 +6,7 @@
   (which can be taken down) and a callback receiver.
 - ``gateway``: ``waitress-serve app:app`` as a subprocess, with a client that carries a token.
 - ``start_worker``: ``python worker.py SERVICE...`` subprocesses, stopped after the test.
+- ``held_job``: jobs that run until the test ends.
 
 Redis is flushed before each test; it is this session's own server, never a shared one.
 """
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import wave
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,7 +31,10 @@ import jwt
 import pytest
 import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from rq import Worker
+
+from records import record_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = 'a-test-secret-of-sixty-four-bytes-' + 'x' * 30  # long enough for HS512
@@ -40,6 +45,14 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def _listening(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def wait_until(condition, timeout=10.0, interval=0.05, message='condition'):
@@ -147,6 +160,14 @@ def redis_db(redis_server):
     return client
 
 
+def record_durations(redis_db, service, *seconds):
+    """Record finished jobs of ``service`` that took ``seconds``, as workers do."""
+    with redis_db.pipeline() as pipe:
+        for duration in seconds:
+            record_duration(pipe, service, duration)
+        pipe.execute()
+
+
 @pytest.fixture
 def stopped_redis(redis_server, redis_db):
     """Redis stopped for the test, started again after it."""
@@ -197,11 +218,7 @@ class Web:
         self.store.server_close()
 
     def store_is_up(self):
-        try:
-            socket.create_connection(('127.0.0.1', self.store_port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+        return _listening(self.store_port)
 
     def reset(self):
         for event in self.held.values():
@@ -323,102 +340,68 @@ category = Testing
 tags = one, two words
 """
 
-TEST_SERVICES = """
-[service:annotator]
-version = {annotator_version}
-function = tests.example_services.paced_annotate
-[service:echo]
-version = 1.0.0
-function = tests.example_services.echo
-name = Echo
-synopsis = Returns what it received
-doc = echo-doc.md
-releasenotes = echo-notes.html
-[service:crash]
-version = 1.0.0
-function = tests.example_services.crash
-[service:die]
-version = 1.0.0
-function = tests.example_services.die
-retries = 1
-retry_interval = 2
-[service:held]
-version = 1.0.0
-function = tests.example_services.wait_for_release
-[service:slowdoc]
-version = 1.0.0
-function = tests.example_services.document_size
-download_timeout = 1
-[service:downloader]
-version = 1.0.0
-function = tests.example_services.download_then_sleep
-[service:stepper]
-version = 1.0.0
-function = tests.example_services.progress_in_steps
-[service:eager]
-version = 1.0.0
-function = tests.example_services.report_then_download
-[service:typed]
-version = 1.0.0
-function = tests.example_services.own_number_type
-[service:custom]
-version = 1.0.0
-function = tests.example_services.custom_failure
-[service:flaky]
-version = 1.0.0
-function = tests.example_services.fail_once
-retries = 1
-retry_interval = 2
-[service:sleeper]
-version = 1.0.0
-function = tests.example_services.sleep_until_cancelled
-[service:overtime]
-version = 1.0.0
-function = tests.example_services.sleep_until_cancelled
-timeout = 1
-[service:small]
-version = 1.0.0
-function = tests.example_services.document_size
-max_document_size = 1000
-[service:quiet]
-version = 1.0.0
-function = tests.example_services.echo
-noparams = true
-"""
+# The rest of the tests' [gateway].
+GATEWAY = {'result_ttl': 600, 'uuid_ttl': 1200, 'max_content_length': 4096, 'worker_ttl': 20,
+           'doc': 'https://example.org/gateway-doc', 'support': 'Write to tests@example.org,200',
+           'tryme': 'Not here,404', 'releasenotes': 'Nothing new,200', 'licence': 'echo-doc.md',
+           'provenance': 'https://example.org/provenance'}
+
+# The tests' services: name: (function of tests/example_services.py, keys besides version and function).
+TEST_SERVICES = {
+    'annotator': ('paced_annotate', {}),
+    'echo': ('echo', {'name': 'Echo', 'synopsis': 'Returns what it received', 'doc': 'echo-doc.md',
+                      'releasenotes': 'echo-notes.html'}),
+    'crash': ('crash', {}),
+    'die': ('die', {'retries': 1, 'retry_interval': 2}),
+    'held': ('wait_for_release', {}),
+    'slowdoc': ('document_size', {'download_timeout': 1}),
+    'downloader': ('download_then_sleep', {}),
+    'stepper': ('progress_in_steps', {}),
+    'eager': ('report_then_download', {}),
+    'typed': ('own_number_type', {}),
+    'custom': ('custom_failure', {}),
+    'flaky': ('fail_once', {'retries': 1, 'retry_interval': 2}),
+    'sleeper': ('sleep_until_cancelled', {}),
+    'overtime': ('sleep_until_cancelled', {'timeout': 1}),
+    'small': ('document_size', {'max_document_size': 1000}),
+    'quiet': ('echo', {'noparams': 'true'}),
+}
 
 
 # A page file that is a whole HTML document, served as it is.
 ECHO_NOTES = '<!DOCTYPE html>\n<html lang="en"><head><title>Echo notes</title></head><body><p>1.0.0</p></body></html>\n'
 
 
-def write_settings(path, web, annotator_version='1.0.0', storage=True):
-    """The tests' settings: services of tests/example_services.py, storage on the ``web`` fixture."""
+def ini_lines(keys):
+    """``key = value`` lines, leaving out the keys set to None."""
+    return ''.join(f'{key} = {value}\n' for key, value in keys.items() if value is not None)
+
+
+def write_settings(path, web, gateway=None, services=None, storage=True):
+    """The tests' settings: services of tests/example_services.py, storage on the ``web`` fixture.
+    ``gateway`` keys override those of [gateway] and ``services`` (name: keys) those of a service;
+    a key set to None is left out."""
+    services = services or {}
+    assert set(services) <= set(TEST_SERVICES), f'no such test service: {set(services) - set(TEST_SERVICES)}'
     storage_urls = f"""
 get_storage_doc_url = {web.url('/docs/{storage_doc_id}')}
 post_annotations_url = {web.store_url}/document/{{ann_doc_id}}/annotations?storageType=2""" if storage else ''
     path.with_name('echo-doc.md').write_text('# Echo\n\nReturns what it **received**.\n')
     path.with_name('echo-notes.html').write_text(ECHO_NOTES)
+    service_sections = ''.join(
+        f'[service:{name}]\n' + ini_lines({'version': '1.0.0', 'function': f'tests.example_services.{function}',
+                                       **keys, **services.get(name, {})})
+        for name, (function, keys) in TEST_SERVICES.items())
     path.write_text(f"""
 [gateway]
-{PLATFORM}result_ttl = 600
-uuid_ttl = 1200
-max_content_length = 4096
-worker_ttl = 20
-doc = https://example.org/gateway-doc
-support = Write to tests@example.org,200
-tryme = Not here,404
-releasenotes = Nothing new,200
-licence = echo-doc.md
-provenance = https://example.org/provenance
-[security]
+{PLATFORM}{ini_lines({**GATEWAY, **(gateway or {})})}[security]
 jwt_audience = {AUDIENCE}
 jwt_algorithm = HS256
 [storage]{storage_urls}
 timeout = 2
 retries = 2
 callback_retries = 1
-{TEST_SERVICES.format(annotator_version=annotator_version)}
-""")
+{service_sections}""")
     return path
 
 
@@ -428,11 +411,13 @@ def settings_file(tmp_path_factory, web_server):
 
 
 def process_env(settings_file, redis_server, **extra):
+    """The environment of a process of the gateway, with ``extra`` variables (None: left out)."""
     env = dict(os.environ, GATEWAY_SETTINGS=str(settings_file), REDIS_URL=redis_server.url,
-               GATEWAY_JWT_SECRET=SECRET, PYTHONPATH=str(ROOT), **extra)
+               GATEWAY_JWT_SECRET=SECRET, PYTHONPATH=str(ROOT))
     if redis_server.is_fake:
         env['GATEWAY_EMBEDDED_REDIS'] = '1'
-    return env
+    env.update(extra)
+    return {name: value for name, value in env.items() if value is not None}
 
 
 # The gateway and its workers -----------------------------------------------------------------
@@ -442,21 +427,35 @@ def token(secret=SECRET, algorithm='HS256', audience=AUDIENCE, expires_in=300, *
     return jwt.encode({'aud': audience, 'iat': now, 'exp': now + expires_in, **claims}, secret, algorithm=algorithm)
 
 
+NOWHERE = 'http://127.0.0.1:9/a.wav'  # nothing serves it (port 9): for jobs that never download theirs
+
+
 class Gateway:
     """A client of the gateway under test; ``submit`` carries a valid token unless told otherwise."""
 
-    def __init__(self, url):
+    def __init__(self, url, authorization=None):
         self.url = url
+        self.authorization = authorization  # sent with submissions; None: a fresh token of the tests' secret
 
     def submit(self, service, route='annotate', headers=None, **kwargs):
-        headers = {'Authorization': f'Bearer {token()}', **(headers or {})}
+        headers = {'Authorization': self.authorization or f'Bearer {token()}', **(headers or {})}
         return requests.post(f'{self.url}/{service}/{route}', headers=headers, timeout=10, **kwargs)
 
-    def submitted(self, service, **fields):
+    def submitted(self, service, route='annotate', **fields):
         """Submit form fields and return the new uuid (the submission must be accepted)."""
-        answer = self.submit(service, data=fields)
+        answer = self.submit(service, route, data=fields)
         assert answer.status_code == 202, answer.text
         return answer.json()['uuid']
+
+    def waiting(self, service, count):
+        """``count`` jobs of ``service`` submitted just now, waiting where no worker runs them."""
+        return [self.submitted(service, doc_url=NOWHERE) for _ in range(count)]
+
+    def running(self, service, status='PROGRESS', **fields):
+        """Submit a job (of NOWHERE unless ``fields`` say) and wait until its service runs it."""
+        uuid = self.submitted(service, **{'doc_url': NOWHERE, **fields})
+        self.wait_for(service, uuid, status)
+        return uuid
 
     def status(self, service, uuid, **kwargs):
         return requests.get(f'{self.url}/{service}/status', params={'uuid': uuid}, timeout=10, **kwargs)
@@ -484,14 +483,27 @@ class Gateway:
         return final, seen
 
 
-def run_gateway(settings_file, redis_server, *options):
-    """``waitress-serve [options] app:app`` on a free port, as the Procfile runs it; returns (process, url)."""
+def scrape(url):
+    """The samples of the gateway's /metrics at ``url``, by (name, sorted labels)."""
+    answer = requests.get(f'{url}/metrics', timeout=10)
+    assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('text/plain')
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text) for sample in family.samples}
+
+
+@contextmanager
+def gateway_on(settings, redis_server, *options):
+    """``waitress-serve [options] app:app`` on a free port, as the Procfile runs it: a client of it,
+    stopped on leaving."""
     port = free_port()
     process = subprocess.Popen([sys.executable, '-m', 'waitress', f'--port={port}', '--host=127.0.0.1',
-                                *options, 'app:app'], cwd=ROOT, env=process_env(settings_file, redis_server))
-    wait_until(lambda: _listening(port) or process.poll() is not None, message='the gateway')
-    assert process.poll() is None, 'the gateway did not start'
-    return process, f'http://127.0.0.1:{port}'
+                                *options, 'app:app'], cwd=ROOT, env=process_env(settings, redis_server))
+    try:
+        wait_until(lambda: _listening(port) or process.poll() is not None, message='the gateway')
+        assert process.poll() is None, 'the gateway did not start'
+        yield Gateway(f'http://127.0.0.1:{port}')
+    finally:
+        stop(process)
 
 
 def stop(process):
@@ -501,23 +513,15 @@ def stop(process):
 
 @pytest.fixture(scope='session')
 def gateway_process(settings_file, redis_server):
-    process, url = run_gateway(settings_file, redis_server)
-    yield url
-    stop(process)
+    """The session's gateway, one process for all the tests."""
+    with gateway_on(settings_file, redis_server) as gateway:
+        yield gateway
 
 
 @pytest.fixture
 def gateway(gateway_process, redis_db):
     """A client of the session's gateway, on a Redis flushed for the test."""
-    return Gateway(gateway_process)
-
-
-def _listening(port):
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    return gateway_process
 
 
 @pytest.fixture
@@ -538,6 +542,22 @@ def start_worker(settings_file, redis_server, redis_db):
     yield start
     for process in processes:
         stop_worker(process)
+
+
+@pytest.fixture
+def held_job(gateway, start_worker, tmp_path):
+    """Submit a job of the service ``held``, which runs until released, and wait until it has
+    started unless told not to. All are released after the test, failed or not, before its
+    workers are stopped (which would otherwise have to kill them)."""
+    release = tmp_path / 'release'
+
+    def submit(started=True):
+        if started:
+            return gateway.running('held', 'STARTED', release=str(release))
+        return gateway.submitted('held', doc_url=NOWHERE, release=str(release))
+
+    yield submit
+    release.touch()
 
 
 def stop_worker(process):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ECHO_NOTES, ROOT, run_gateway, stop, wait_until, write_settings
+from conftest import ECHO_NOTES, ROOT, gateway_on, wait_until, write_settings
 
 JSON = {'Accept': 'application/json'}
 FIELDS = {'name', 'synopsis', 'version', 'institution', 'releaseTime', 'researchSubject', 'supportEmail',
@@ -78,11 +78,8 @@ def test_stats_survive_a_gateway_restart(gateway, settings_file, redis_server, r
     start_worker('echo')
     gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav')
     before = get(gateway, '/echo/stats', headers=JSON).json()
-    process, url = run_gateway(settings_file, redis_server)
-    try:
-        after = requests.get(f'{url}/echo/stats', headers=JSON, timeout=10).json()
-    finally:
-        stop(process)
+    with gateway_on(settings_file, redis_server) as restarted:
+        after = get(restarted, '/echo/stats', headers=JSON).json()
     assert after == before == {'invocations': 1, 'lastReset': before['lastReset']}
 
 
@@ -115,8 +112,9 @@ def test_page_file_that_is_a_whole_html_document_is_served_as_it_is(gateway):
 
 
 def test_page_set_to_text_and_status_answers_them(gateway):
-    assert (get(gateway, '/support').status_code, get(gateway, '/support').text) == (200, 'Write to tests@example.org')
-    assert (get(gateway, '/tryme').status_code, get(gateway, '/tryme').text) == (404, 'Not here')
+    support, tryme = get(gateway, '/support'), get(gateway, '/tryme')
+    assert (support.status_code, support.text) == (200, 'Write to tests@example.org')
+    assert (tryme.status_code, tryme.text) == (404, 'Not here')
 
 
 def test_source_with_nothing_configured_is_204(gateway):
@@ -125,13 +123,9 @@ def test_source_with_nothing_configured_is_204(gateway):
 
 
 def test_other_page_with_nothing_configured_is_204(gateway, redis_server, tmp_path, web):
-    settings = write_settings(tmp_path / 'settings.ini', web)
-    settings.write_text(settings.read_text().replace('provenance = https://example.org/provenance\n', ''))
-    process, url = run_gateway(settings, redis_server)
-    try:
-        assert requests.get(f'{url}/provenance', timeout=10).status_code == 204
-    finally:
-        stop(process)
+    settings = write_settings(tmp_path / 'settings.ini', web, gateway={'provenance': None})
+    with gateway_on(settings, redis_server) as without_provenance:
+        assert get(without_provenance, '/provenance').status_code == 204
 
 
 def test_negotiated_answers_vary_on_accept(gateway):
@@ -165,21 +159,20 @@ def test_unknown_service_pages_are_404_202(gateway):
 
 @pytest.fixture(scope='module')
 def shipped_gateway(redis_server):
-    process, url = run_gateway(ROOT / 'settings.ini', redis_server)
-    yield url
-    stop(process)
+    with gateway_on(ROOT / 'settings.ini', redis_server) as gateway:
+        yield gateway
 
 
 @pytest.mark.parametrize('prefix', ['', '/annotator'])
 @pytest.mark.parametrize('page', ['doc', 'releasenotes', 'support', 'tryme', 'licence', 'provenance'])
 def test_shipped_pages_render(shipped_gateway, prefix, page):
-    answer = requests.get(f'{shipped_gateway}{prefix}/{page}', timeout=10)
+    answer = get(shipped_gateway, f'{prefix}/{page}')
     assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('text/html')
     assert '<h1>' in answer.text
 
 
 def test_shipped_source_is_204(shipped_gateway):
-    assert requests.get(f'{shipped_gateway}/source', timeout=10).status_code == 204
+    assert get(shipped_gateway, '/source').status_code == 204
 
 
 def test_licence_page_lists_every_pinned_dependency():

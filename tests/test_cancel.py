@@ -9,16 +9,9 @@ from rq.job import Job
 from conftest import token
 
 
-def running(gateway, service, **fields):
-    """Submit a job and wait until its service is running it."""
-    uuid = gateway.submitted(service, doc_url='http://127.0.0.1:9/never.wav', **fields)
-    gateway.wait_for(service, uuid, 'PROGRESS')
-    return uuid
-
-
 def test_cancel_before_start_revokes_and_the_job_never_runs(gateway, start_worker, redis_db):
     start_worker('sleeper')
-    busy = running(gateway, 'sleeper')
+    busy = gateway.running('sleeper')
     waiting = gateway.submitted('sleeper', doc_url='http://127.0.0.1:9/never.wav')
     answer = gateway.cancel('sleeper', waiting)
     assert answer.status_code == 200
@@ -31,7 +24,7 @@ def test_cancel_before_start_revokes_and_the_job_never_runs(gateway, start_worke
 
 def test_cancel_while_running_terminates_within_5_seconds(gateway, start_worker):
     start_worker('sleeper')
-    uuid = running(gateway, 'sleeper')
+    uuid = gateway.running('sleeper')
     started = time.monotonic()
     answer = gateway.cancel('sleeper', uuid)
     final, _ = gateway.wait_for('sleeper', uuid, 'REVOKED', timeout=5)
@@ -42,7 +35,7 @@ def test_cancel_while_running_terminates_within_5_seconds(gateway, start_worker)
 
 def test_worker_completes_the_next_job_after_a_cancel(gateway, start_worker):
     start_worker('sleeper', 'echo')
-    cancelled = running(gateway, 'sleeper')
+    cancelled = gateway.running('sleeper')
     gateway.cancel('sleeper', cancelled)
     uuid = gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav')
     final, _ = gateway.wait_for('echo', uuid, 'SUCCESS')
@@ -81,7 +74,7 @@ def test_callback_tells_revoked_for_a_job_cancelled_before_start(gateway, web, s
 
 def test_callback_tells_revoked_for_a_job_cancelled_while_running(gateway, web, start_worker):
     start_worker('sleeper')
-    uuid = running(gateway, 'sleeper', callback_url=web.url('/callback'))
+    uuid = gateway.running('sleeper', callback_url=web.url('/callback'))
     gateway.cancel('sleeper', uuid)
     assert web.wait_for_callbacks(1) == [{'uuid': uuid, 'status': 'REVOKED'}]
 

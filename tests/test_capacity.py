@@ -4,89 +4,87 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from capacity import ServiceLoad, load_of, notes, plan, read_figures
-from conftest import ROOT, Gateway, process_env, run_gateway, stop, wait_until, write_settings
-from records import record_duration, record_submission
+from capacity import load_of, plan, read_figures
+from conftest import ROOT, gateway_on, process_env, record_durations, scrape, stop, wait_until, write_settings
+from records import record_submission
 from settings import load_settings
 
 
-def capacity(settings_file, redis_server, *args, timeout=30):
-    done = subprocess.run([sys.executable, 'capacity.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          env=process_env(settings_file, redis_server), timeout=timeout)
+def run_capacity(settings, redis_server, *args, **environ):
+    """``python capacity.py ARGS`` run to its end, with ``environ`` in its environment (None: left out)."""
+    return subprocess.run([sys.executable, 'capacity.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          env=process_env(settings, redis_server, **environ), timeout=30)
+
+
+def capacity(settings, redis_server, *args):
+    """What ``python capacity.py ARGS`` printed; it must succeed."""
+    done = run_capacity(settings, redis_server, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def record_durations(redis_db, service, *seconds):
-    with redis_db.pipeline() as pipe:
-        for duration in seconds:
-            record_duration(pipe, service, duration)
-        pipe.execute()
+def capacity_rows(evaluation):
+    """The rows of an evaluation that ``capacity.py --json`` printed, by service."""
+    return {row['service']: row for row in json.loads(evaluation)}
 
 
-def submit_waiting(gateway, service, count):
-    """``count`` jobs of ``service`` submitted just now (the tests start no worker for them)."""
-    return [gateway.submitted(service, doc_url='http://127.0.0.1:9/a.wav') for _ in range(count)]
+@contextmanager
+def watching(settings, redis_server, output, *args):
+    """``python capacity.py ARGS`` running, printing into the file ``output``, until the block ends."""
+    with open(output, 'w') as stream:
+        process = subprocess.Popen([sys.executable, 'capacity.py', *args], cwd=ROOT,
+                                   env=process_env(settings, redis_server), stdout=stream)
+        try:
+            yield
+        finally:
+            stop(process)
 
 
 def workers_needed(url):
     """The gauge gateway_workers_needed of the gateway at ``url``, by service."""
-    text = requests.get(f'{url}/metrics', timeout=10).text
-    return {sample.labels['service']: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == 'gateway_workers_needed'}
-
-
-def settings_with(path, web, gateway='', **services):
-    """The tests' settings with ``gateway`` lines added to [gateway], and each keyword's lines
-    to the section of the service it names."""
-    text = write_settings(path, web).read_text().replace('[gateway]\n', f'[gateway]\n{gateway}', 1)
-    for service, lines in services.items():
-        assert f'[service:{service}]\n' in text, service
-        text = text.replace(f'[service:{service}]\n', f'[service:{service}]\n{lines}', 1)
-    path.write_text(text)
-    return path
+    return {dict(labels)['service']: value for (name, labels), value in scrape(url).items()
+            if name == 'gateway_workers_needed'}
 
 
 @pytest.fixture
 def five_waiting(gateway, redis_db):
     """Five echo jobs submitted just now, with no echo worker."""
-    return submit_waiting(gateway, 'echo', 5)
+    return gateway.waiting('echo', 5)
 
 
-SHORT_WAIT = 'target_wait = 60\nstart_delay = 30\n'
+SHORT_WAIT = {'target_wait': 60, 'start_delay': 30}
 
 
 @pytest.fixture(scope='module')
 def short_wait_settings(tmp_path_factory, web_server):
     """The tests' settings, but 4 workers at most in all, and echo and crash jobs to start
     within 60 s on workers that take 30 s to start (expected_duration stays 60 s)."""
-    return settings_with(tmp_path_factory.mktemp('short-wait') / 'settings.ini', web_server,
-                         gateway='max_workers_total = 4\n', echo=SHORT_WAIT, crash=SHORT_WAIT)
+    return write_settings(tmp_path_factory.mktemp('short-wait') / 'settings.ini', web_server,
+                          gateway={'max_workers_total': 4}, services={'echo': SHORT_WAIT, 'crash': SHORT_WAIT})
 
 
 @pytest.fixture(scope='module')
-def short_wait_url(short_wait_settings, redis_server):
+def short_wait_process(short_wait_settings, redis_server):
     """A gateway running on ``short_wait_settings``."""
-    process, url = run_gateway(short_wait_settings, redis_server)
-    yield url
-    stop(process)
+    with gateway_on(short_wait_settings, redis_server) as gateway:
+        yield gateway
 
 
 @pytest.fixture
-def short_wait_gateway(short_wait_url, redis_db):
-    return Gateway(short_wait_url)
+def short_wait_gateway(short_wait_process, redis_db):
+    """A client of ``short_wait_process``, on a Redis flushed for the test."""
+    return short_wait_process
 
 
 @pytest.fixture
 def over_the_total(short_wait_gateway):
     """7 echo and 3 crash jobs submitted just now, with no worker: needs of 5 and 2, over the total of 4."""
-    submit_waiting(short_wait_gateway, 'echo', 7)
-    submit_waiting(short_wait_gateway, 'crash', 3)
+    short_wait_gateway.waiting('echo', 7)
+    short_wait_gateway.waiting('crash', 3)
 
 
 @pytest.fixture
@@ -98,11 +96,9 @@ def echo_quiet_lately(redis_db):
     record_durations(redis_db, 'echo', 10, 20)
 
 
-def test_loads_read_queue_workers_rate_and_durations(settings_file, gateway, start_worker, five_waiting,
-                                                     redis_db, tmp_path):
+def test_loads_read_queue_workers_rate_and_durations(settings_file, start_worker, held_job, five_waiting, redis_db):
     start_worker('held')
-    gateway.wait_for('held', gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav',
-                                               release=str(tmp_path / 'go')), 'STARTED')
+    held_job()
     record_durations(redis_db, 'echo', *range(1, 11))
     settings = load_settings(settings_file, {})
     figures = read_figures(redis_db, settings)
@@ -114,11 +110,10 @@ def test_loads_read_queue_workers_rate_and_durations(settings_file, gateway, sta
     assert (echo.mean_duration, echo.p90_duration) == (5.5, 9.1)  # p90 within the durations seen
     assert (held.mean_duration, held.p90_duration) == (None, None)
     assert 0 <= echo.oldest_wait < 30 and held.oldest_wait is None
-    (tmp_path / 'go').touch()
 
 
 def test_json_gives_each_services_figures_and_need(settings_file, redis_server, five_waiting):
-    echo = next(row for row in json.loads(capacity(settings_file, redis_server, '--json')) if row['service'] == 'echo')
+    echo = capacity_rows(capacity(settings_file, redis_server, '--json'))['echo']
     # D = expected_duration 60 (no history), T = 300, R = 30, u = 0.7, rate <= 5/300, window >= 300 s:
     # the 5 queued jobs take the whole rate (5/300 - 5/300 = 0): present = 0,
     # steady = rate * 60 * (1/0.7 - 1) <= 0.43; backlog = 5 / (1 + 270 / 60) = 0.91; need 1
@@ -130,7 +125,7 @@ def test_json_gives_each_services_figures_and_need(settings_file, redis_server, 
 
 def test_duration_history_replaces_expected_duration(settings_file, redis_server, redis_db, five_waiting):
     record_durations(redis_db, 'echo', 100, 140)
-    echo = next(row for row in json.loads(capacity(settings_file, redis_server, '--json')) if row['service'] == 'echo')
+    echo = capacity_rows(capacity(settings_file, redis_server, '--json'))['echo']
     # D = 120, T = 300, R = 30: backlog = 5 / (1 + 270 / 120) = 1.54 -> 2 (expected_duration 60: 5 / 5.5 -> 1)
     # steady: the 5 queued take the whole rate, present = 0; rate * 120 * (1/0.7 - 1) <= 5/300 * 51.4 = 0.86
     assert (echo['mean_seconds'], echo['needed'], echo['notes']) == (120.0, 2, [])
@@ -139,9 +134,8 @@ def test_duration_history_replaces_expected_duration(settings_file, redis_server
 def test_queue_needs_the_workers_that_start_it_within_target_wait(short_wait_settings, redis_server, redis_db,
                                                                   short_wait_gateway):
     record_durations(redis_db, 'echo', 10, 20)
-    submit_waiting(short_wait_gateway, 'echo', 8)
-    echo = next(row for row in json.loads(capacity(short_wait_settings, redis_server, '--json'))
-                if row['service'] == 'echo')
+    short_wait_gateway.waiting('echo', 8)
+    echo = capacity_rows(capacity(short_wait_settings, redis_server, '--json'))['echo']
     # D = 15 (p90 19), T = 60, R = 30, no busy worker: a new worker starts 1 + (60 - 30) / 15 = 3 jobs
     # within T; backlog = 8 / 3 = 2.67 -> 3, within max_workers_total 4. Steady: the 8 queued take the
     # whole rate, present = 0; rate * 15 * (1/0.7 - 1) <= 8/300 * 6.4 = 0.17.
@@ -160,11 +154,11 @@ def test_plan_shares_max_workers_total_by_need(short_wait_settings, redis_db, ov
     assert plan(loads, settings.max_workers_total) == {**dict.fromkeys(settings.services, 0), 'echo': 3, 'crash': 1}
 
 
-def test_metrics_publish_the_needs_shared_within_max_workers_total(short_wait_settings, short_wait_url,
+def test_metrics_publish_the_needs_shared_within_max_workers_total(short_wait_settings, short_wait_gateway,
                                                                    over_the_total):
     # as planned above: echo 5 and crash 2 share the total of 4 as 3 and 1
     services = load_settings(short_wait_settings, {}).services
-    assert workers_needed(short_wait_url) == {**dict.fromkeys(services, 0), 'echo': 3, 'crash': 1}
+    assert workers_needed(short_wait_gateway.url) == {**dict.fromkeys(services, 0), 'echo': 3, 'crash': 1}
 
 
 def test_table_has_a_row_per_service(settings_file, redis_server, five_waiting):
@@ -214,50 +208,38 @@ def test_exec_runs_for_each_service_whose_need_differs_from_its_workers(settings
 
 def test_watch_acts_once_per_change_of_need(settings_file, redis_server, five_waiting, tmp_path):
     log, tables = tmp_path / 'scaled', tmp_path / 'tables'
-    with open(tables, 'w') as output:
-        process = subprocess.Popen([sys.executable, 'capacity.py', '--watch', '0.2', '--exec',
-                                    f'sh -c "echo {{service}} {{workers}} >> {log}"'], cwd=ROOT,
-                                   env=process_env(settings_file, redis_server), stdout=output)
-        try:  # five evaluations, the need unchanged after the first
-            wait_until(lambda: tables.read_text().count('service') >= 5, message='five evaluations')
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with watching(settings_file, redis_server, tables, '--watch', '0.2', '--exec',
+                  f'sh -c "echo {{service}} {{workers}} >> {log}"'):
+        # five evaluations, the need unchanged after the first
+        wait_until(lambda: tables.read_text().count('service') >= 5, message='five evaluations')
     assert log.read_text().splitlines() == ['echo 1']
 
 
 def test_watch_adds_its_period_to_start_delay(settings_file, redis_server, five_waiting, tmp_path):
     evaluations = tmp_path / 'evaluations'
-    with open(evaluations, 'w') as output:
-        process = subprocess.Popen([sys.executable, 'capacity.py', '--json', '--watch', '240'], cwd=ROOT,
-                                   env=process_env(settings_file, redis_server), stdout=output)
-        try:  # the first evaluation is printed at once, the next one 240 s later
-            wait_until(lambda: evaluations.read_text().endswith('\n'), message='the first evaluation')
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-    first = json.loads(evaluations.read_text().splitlines()[0])
+    with watching(settings_file, redis_server, evaluations, '--json', '--watch', '240'):
+        # the first evaluation is printed at once, the next one 240 s later
+        wait_until(lambda: evaluations.read_text().endswith('\n'), message='the first evaluation')
+    first = capacity_rows(evaluations.read_text().splitlines()[0])
     # T = 300, D = 60 (no history), 5 queued, no worker; R = start_delay 30 + the period 240 = 270:
     # a new worker starts 1 + (300 - 270) / 60 = 1.5 jobs within T; 5 / 1.5 = 3.33 -> 4
     # (R without the period: 5 / (1 + 270 / 60) = 0.91 -> 1; with it twice, 510 >= T: 5 / 1 = 5)
-    assert next(row['needed'] for row in first if row['service'] == 'echo') == 4
+    assert first['echo']['needed'] == 4
 
 
 def test_metrics_publish_the_same_needs(settings_file, redis_server, gateway, five_waiting):
-    needed = {row['service']: row['needed'] for row in json.loads(capacity(settings_file, redis_server, '--json'))}
+    rows = capacity_rows(capacity(settings_file, redis_server, '--json'))
+    needed = {service: row['needed'] for service, row in rows.items()}
     assert workers_needed(gateway.url) == needed
 
 
 def test_capacity_without_redis_url_says_so(settings_file, redis_server):
-    env = process_env(settings_file, redis_server)
-    del env['REDIS_URL']
-    done = subprocess.run([sys.executable, 'capacity.py'], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = run_capacity(settings_file, redis_server, REDIS_URL=None)
     assert done.returncode != 0 and done.stderr.strip() == 'settings error: REDIS_URL is not set'
 
 
 def test_capacity_with_redis_down_says_so(settings_file, stopped_redis):
-    done = subprocess.run([sys.executable, 'capacity.py'], cwd=ROOT, capture_output=True, text=True,
-                          env=process_env(settings_file, stopped_redis))
+    done = run_capacity(settings_file, stopped_redis)
     assert done.returncode != 0 and done.stderr.startswith('capacity: Redis is unavailable')
 
 
@@ -268,26 +250,5 @@ def test_exec_leaves_other_braces_to_the_command(settings_file, redis_server, fi
 
 
 def test_exec_that_cannot_run_is_reported(settings_file, redis_server, five_waiting):
-    done = subprocess.run([sys.executable, 'capacity.py', '--exec', 'no-such-scaler {service}'], cwd=ROOT,
-                          capture_output=True, text=True, env=process_env(settings_file, redis_server))
+    done = run_capacity(settings_file, redis_server, '--exec', 'no-such-scaler {service}')
     assert done.returncode == 0 and "capacity: no-such-scaler echo failed: [Errno 2]" in done.stderr
-
-
-def idle_load(**given):
-    values = dict(name='svc', queued=0, running=0, workers=1, busy=0, arrival_rate=None, mean_duration=60.0,
-                  p90_duration=None, min_workers=0, max_workers=10, target_wait=60, expected_duration=60)
-    return ServiceLoad(**{**values, **given})
-
-
-def test_note_401_when_the_minimum_holds_more_workers_than_needed():
-    assert any(note.startswith('code 401') for note in notes(idle_load(min_workers=1), 1))
-
-
-def test_no_note_401_when_the_need_is_the_minimum_anyway():
-    # T = 60, D = 60, R = 0: backlog = 4 / (1 + 60 / 60) = 2, the minimum
-    assert not any(note.startswith('code 401') for note in notes(idle_load(queued=4, min_workers=2), 2))
-
-
-def test_note_400_when_max_workers_holds_the_need_back():
-    load = idle_load(queued=100, max_workers=2)
-    assert any(note.startswith('code 400') for note in notes(load, 2))

@@ -9,7 +9,7 @@ wait, R the start delay and u the target utilisation.
 
 import logging
 
-from capacity import ServiceLoad, needed_workers, share_total
+from capacity import ServiceLoad, needed_workers, notes, share_total
 
 
 def load(**given):
@@ -232,3 +232,18 @@ def test_share_total_keeps_minimums_above_the_total_and_warns(caplog):
         shared = share_total({'a': 5, 'b': 5}, loads(a=(4, 0, 10), b=(4, 0, 10)), 6)
     assert shared == {'a': 4, 'b': 4}
     assert 'exceed max_workers_total (6)' in caplog.text
+
+
+# -- notes ----------------------------------------------------------------------
+
+def test_note_401_when_the_minimum_holds_more_workers_than_needed():
+    assert any(note.startswith('code 401') for note in notes(load(min_workers=1), 1))
+
+
+def test_no_note_401_when_the_need_is_the_minimum_anyway():
+    # T = 60, D = 60, R = 0: backlog = 4 / (1 + 60 / 60) = 2, the minimum
+    assert not any(note.startswith('code 401') for note in notes(load(queued=4, min_workers=2), 2))
+
+
+def test_note_400_when_max_workers_holds_the_need_back():
+    assert any(note.startswith('code 400') for note in notes(load(queued=100, max_workers=2), 2))

@@ -14,7 +14,7 @@ import requests
 from fakeredis import TcpFakeServer
 from rq import Worker
 
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, Gateway, free_port, wait_until
 
 
 def children_of(pid):
@@ -60,33 +60,26 @@ def embedded():
         process.wait(timeout=30)
 
 
-class PrintedCommand:
-    """The curl command ``python app.py`` printed, taken apart, and a way to follow its jobs."""
+class PrintedCommand(Gateway):
+    """The curl command ``python app.py`` printed, taken apart: a client of the gateway with the
+    printed token, and the command's service and document."""
 
     def __init__(self, lines):
         command = next(line for line in lines if '/annotate' in line)
-        self.base, self.service = re.search(r'curl (http://[^/]+)/(\w+)/annotate', command).groups()
+        url, self.service = re.search(r'curl (http://[^/]+)/(\w+)/annotate', command).groups()
+        super().__init__(url, authorization=re.search(r'--header "Authorization: ([^"]+)"', command)[1])
         self.doc_url = re.search(r'doc_url=(\S+)', command)[1]
-        self.authorization = re.search(r'--header "Authorization: ([^"]+)"', command)[1]
-
-    def submit(self, route='annotate', **fields):
-        answer = requests.post(f'{self.base}/{self.service}/{route}', data=fields,
-                               headers={'Authorization': self.authorization}, timeout=10)
-        assert answer.status_code == 202, answer.text
-        return answer.json()['uuid']
 
     def final_state(self, uuid):
-        def ended():
-            state = requests.get(f'{self.base}/{self.service}/status', params={'uuid': uuid}, timeout=10).json()
-            return state if state['status'] in ('SUCCESS', 'FAILURE') else None
-        return wait_until(ended, timeout=30, message='the embedded job')
+        final, _ = self.wait_for(self.service, uuid, 'SUCCESS', 'FAILURE', timeout=30)
+        return final
 
 
 def test_embedded_default_runs_the_full_flow_to_success(embedded):
     _, lines = embedded
     assert lines[0].startswith('Embedded mode: in-memory Redis (fakeredis)')
     command = PrintedCommand(lines)
-    state = command.final_state(command.submit(doc_url=command.doc_url))
+    state = command.final_state(command.submitted(command.service, doc_url=command.doc_url))
     assert state['status'] == 'SUCCESS'
     assert state['result'][0]['type'] == 'audio' and state['result'][0]['duration'] > 1
     assert {annotation['type'] for annotation in state['result'][1:]} == {'sound', 'silence'}
@@ -94,7 +87,7 @@ def test_embedded_default_runs_the_full_flow_to_success(embedded):
 
 def test_embedded_storage_takes_annotations_and_serves_documents(embedded):
     command = PrintedCommand(embedded[1])
-    state = command.final_state(command.submit(route='annotate/hello.wav', ann_doc_id='doc 1'))
+    state = command.final_state(command.submitted(command.service, 'annotate/hello.wav', ann_doc_id='doc 1'))
     assert state['status'] == 'SUCCESS', state
     storage = command.doc_url.rsplit('/', 1)[0]
     stored = requests.get(f'{storage}/document/doc%201/annotations', timeout=10).json()

@@ -26,8 +26,7 @@ def test_job_revoked_before_start_expires_before_its_uuid_record(gateway, redis_
 
 def test_job_terminated_expires_before_its_uuid_record(gateway, start_worker, redis_db):
     start_worker('sleeper')
-    uuid = gateway.submitted('sleeper', doc_url='http://127.0.0.1:9/a.wav')
-    gateway.wait_for('sleeper', uuid, 'PROGRESS')
+    uuid = gateway.running('sleeper')
     gateway.cancel('sleeper', uuid)
     gateway.wait_for('sleeper', uuid, 'REVOKED')
     assert_expiries(redis_db, uuid)

@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 import pytest
 from rq.job import Job
 
-from conftest import Gateway, run_gateway, stop, wait_idle, wait_until, wav_bytes
+from conftest import Gateway, gateway_on, wait_idle, wait_until, wav_bytes
 
 # 1 s tone, 1 s silence, 1 s tone.
 TONE_SILENCE_TONE = [(1, 0.5), (1, 0), (1, 0.5)]
@@ -88,8 +88,7 @@ def test_a_download_after_progress_keeps_the_job_in_progress(gateway, web, start
     start_worker('eager')  # reports 5 %, then downloads
     web.documents['doc.bin'] = b'x' * 10
     web.held['doc.bin'] = threading.Event()
-    uuid = gateway.submitted('eager', doc_url=web.url('/docs/doc.bin'))
-    gateway.wait_for('eager', uuid, 'PROGRESS')
+    uuid = gateway.running('eager', doc_url=web.url('/docs/doc.bin'))
     web.held['doc.bin'].set()
     final, seen = gateway.wait_for('eager', uuid, 'SUCCESS')
     assert final['result'][0]['size'] == 10
@@ -186,13 +185,10 @@ def test_status_is_xml_when_the_client_asks_for_it(gateway, web, start_worker):
 
 
 def test_location_follows_a_trusted_proxy_and_url_prefix(settings_file, redis_server, redis_db, web):
-    process, url = run_gateway(settings_file, redis_server, '--url-prefix=/sg', '--trusted-proxy=127.0.0.1',
-                               '--trusted-proxy-headers=x-forwarded-host x-forwarded-proto')
-    try:
-        answer = Gateway(f'{url}/sg').submit('echo', data={'doc_url': web.url('/docs/a.wav')}, headers={
+    with gateway_on(settings_file, redis_server, '--url-prefix=/sg', '--trusted-proxy=127.0.0.1',
+                    '--trusted-proxy-headers=x-forwarded-host x-forwarded-proto') as proxied:
+        answer = Gateway(f'{proxied.url}/sg').submit('echo', data={'doc_url': web.url('/docs/a.wav')}, headers={
             'X-Forwarded-Proto': 'https', 'X-Forwarded-Host': 'gateway.example.org'})
-    finally:
-        stop(process)
     assert answer.headers['Location'] == f'https://gateway.example.org/sg/echo/status?uuid={answer.json()["uuid"]}'
 
 
@@ -215,8 +211,7 @@ def test_downloaded_document_is_removed_when_the_job_ends(gateway, web, start_wo
 def test_downloaded_document_is_removed_when_its_job_is_cancelled(gateway, web, start_worker):
     start_worker('downloader')
     web.documents['doc.bin'] = b'x' * 500
-    uuid = gateway.submitted('downloader', doc_url=web.url('/docs/doc.bin'))
-    gateway.wait_for('downloader', uuid, 'PROGRESS')
+    uuid = gateway.running('downloader', doc_url=web.url('/docs/doc.bin'))
     directory = Path(tempfile.gettempdir(), f'gateway-job-{uuid}')
     assert (directory / 'document.bin').read_bytes() == b'x' * 500
     gateway.cancel('downloader', uuid)

@@ -4,7 +4,7 @@ import pytest
 import requests
 from rq.job import Job
 
-from conftest import Gateway, run_gateway, stop, wait_until, wav_bytes, write_settings
+from conftest import gateway_on, wait_until, wav_bytes, write_settings
 
 
 def vesta(answer):
@@ -60,13 +60,9 @@ def test_doc_url_and_a_storage_id_together_are_400_207(gateway):
 
 
 def test_storage_field_without_storage_settings_is_500_200(redis_server, redis_db, tmp_path, web):
-    process, url = run_gateway(write_settings(tmp_path / 'settings.ini', web, storage=False), redis_server)
-    try:
-        gateway = Gateway(url)
+    with gateway_on(write_settings(tmp_path / 'settings.ini', web, storage=False), redis_server) as gateway:
         with_store = gateway.submit('echo', data={'doc_url': 'http://127.0.0.1:9/a.wav', 'ann_doc_id': 'x'})
         with_storage_id = gateway.submit('echo', route='annotate/x')
-    finally:
-        stop(process)
     assert vesta(with_store) == (500, 200) and 'post_annotations_url' in with_store.json()['vesta']['message']
     assert vesta(with_storage_id) == (500, 200)
 
@@ -129,7 +125,8 @@ def test_issued_uuid_whose_job_expired_is_expired(gateway, redis_db, start_worke
 
 
 def test_worker_of_another_version_is_500_204(gateway, web, start_worker, tmp_path):
-    start_worker('annotator', settings=write_settings(tmp_path / 'old.ini', web, annotator_version='0.9.0'))
+    old_version = write_settings(tmp_path / 'old.ini', web, services={'annotator': {'version': '0.9.0'}})
+    start_worker('annotator', settings=old_version)
     web.documents['a.wav'] = wav_bytes([(3, 0.5)])
     uuid = gateway.submitted('annotator', doc_url=web.url('/docs/a.wav'))
 

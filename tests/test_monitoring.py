@@ -7,37 +7,27 @@ import sys
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
-from conftest import free_port, wait_idle, wait_until
+from conftest import NOWHERE, free_port, scrape, stop, wait_idle, wait_until
 
 
-def scrape(gateway):
-    answer = requests.get(f'{gateway.url}/metrics', timeout=10)
-    assert answer.status_code == 200 and answer.headers['Content-Type'].startswith('text/plain')
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(answer.text) for sample in family.samples}
-
-
-def held_states(gateway, start_worker, tmp_path, redis_db):
+@pytest.fixture
+def held_states(gateway, start_worker, held_job, redis_db):
     """Jobs of the echo/crash/held services in every state: finished, failed, running, queued."""
     worker = start_worker('echo', 'crash')
     for service in ('echo', 'echo', 'crash'):
-        gateway.wait_for(service, gateway.submitted(service, doc_url='http://127.0.0.1:9/a.wav'),
-                         'SUCCESS', 'FAILURE')
+        gateway.wait_for(service, gateway.submitted(service, doc_url=NOWHERE), 'SUCCESS', 'FAILURE')
     wait_idle(redis_db, worker)
     start_worker('held')
-    running = gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav', release=str(tmp_path / 'go'))
-    gateway.wait_for('held', running, 'STARTED')
+    held_job()
     for _ in range(2):
-        gateway.submitted('held', doc_url='http://127.0.0.1:9/a.wav', release=str(tmp_path / 'go'))
+        held_job(started=False)
 
 
-def test_metrics_match_rqs_registries_at_that_moment(gateway, start_worker, tmp_path, redis_db):
-    held_states(gateway, start_worker, tmp_path, redis_db)
+def test_metrics_match_rqs_registries_at_that_moment(gateway, held_states, redis_db):
     redis_db.zadd('rq:finished:echo', {'long-expired-job': 1000})  # what RQ's next cleanup drops
-    metrics = scrape(gateway)
+    metrics = scrape(gateway.url)
     for service in ('echo', 'crash', 'held'):
         queue = Queue(service, connection=redis_db)
         held = {'queued': queue.count,
@@ -57,9 +47,9 @@ def test_metrics_match_rqs_registries_at_that_moment(gateway, start_worker, tmp_
 def test_metrics_count_job_durations(gateway, start_worker, redis_db):
     worker = start_worker('echo')
     for _ in range(3):
-        gateway.wait_for('echo', gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav'), 'SUCCESS')
+        gateway.wait_for('echo', gateway.submitted('echo', doc_url=NOWHERE), 'SUCCESS')
     wait_idle(redis_db, worker)
-    metrics = scrape(gateway)
+    metrics = scrape(gateway.url)
     labels = (('service', 'echo'),)
     assert metrics[('gateway_job_duration_seconds_count', labels)] == 3
     assert metrics[('gateway_job_duration_seconds_bucket', (('le', '+Inf'), ('service', 'echo')))] == 3
@@ -70,8 +60,7 @@ def test_metrics_answer_503_when_redis_is_down(gateway, stopped_redis):
     assert requests.get(f'{gateway.url}/metrics', timeout=10).status_code == 503
 
 
-def test_home_page_shows_each_service_with_live_figures(gateway, start_worker, tmp_path, redis_db):
-    held_states(gateway, start_worker, tmp_path, redis_db)
+def test_home_page_shows_each_service_with_live_figures(gateway, held_states):
     page = requests.get(f'{gateway.url}/', timeout=10)
     assert page.status_code == 200 and page.headers['Content-Type'].startswith('text/html')
     held = page.text.split('id="held"')[1].split('</section>')[0]
@@ -87,8 +76,7 @@ def chromium():
 
 
 @pytest.mark.skipif(not chromium() and not os.environ.get('CI'), reason='needs chromium (.ci/run installs it)')
-def test_home_page_loads_in_a_headless_browser(gateway, start_worker, tmp_path, redis_db):
-    held_states(gateway, start_worker, tmp_path, redis_db)
+def test_home_page_loads_in_a_headless_browser(gateway, held_states, tmp_path):
     done = subprocess.run(
         [chromium() or 'chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
          '--disable-background-networking', '--disable-component-update', '--disable-sync',
@@ -116,8 +104,7 @@ def dashboard(redis_server, redis_db):
     wait_until(answers, timeout=30, message='rq-dashboard')
     assert process.poll() is None, 'rq-dashboard did not start'
     yield url
-    process.terminate()
-    process.wait(timeout=10)
+    stop(process)
 
 
 def test_rq_dashboard_shows_the_queues_of_live_workers_before_any_job(gateway, dashboard, start_worker):
@@ -127,7 +114,7 @@ def test_rq_dashboard_shows_the_queues_of_live_workers_before_any_job(gateway, d
 
 
 def test_rq_dashboard_shows_the_service_queues_and_a_submitted_job(gateway, dashboard):
-    uuid = gateway.submitted('echo', doc_url='http://127.0.0.1:9/a.wav')
+    uuid = gateway.submitted('echo', doc_url=NOWHERE)
     queues = requests.get(f'{dashboard}/0/data/queues.json', timeout=10).json()['queues']
     assert {'name': 'echo', 'count': 1}.items() <= next(q for q in queues if q['name'] == 'echo').items()
     jobs = requests.get(f'{dashboard}/0/data/jobs/echo/queued/10/asc/1.json', timeout=10).json()['jobs']
